@@ -1,0 +1,5 @@
+import sys
+
+from neuroal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""Pruned checkpoints: a Hugging Face model folder plus ``neuroal.json``, written atomically.
+
+The folder is built under a temporary name beside the destination and renamed into place, so a
+reader sees either no folder or a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from neuroal.digests import file_digest, weight_files
+from neuroal.errors import UserError
+
+MANIFEST = "neuroal.json"
+
+
+def save_checkpoint(model, tokenizer, manifest: dict, out: Path, overwrite: bool = False) -> dict:
+    """Write ``model``, ``tokenizer`` and ``manifest`` (plus weight digests) to the folder ``out``.
+
+    Returns the manifest as written. Refuses an existing ``out`` unless ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        manifest = {**manifest, "files": {p.name: file_digest(p) for p in weight_files(tmp)}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        if out.exists():
+            _replace_folder(tmp, out)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def read_manifest(folder: Path, verify: bool = True) -> dict:
+    """Read a checkpoint's manifest; with ``verify``, refuse weights whose digest changed."""
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{folder} is not a readable neuroal checkpoint ({MANIFEST}: {exc})") from None
+    if verify:
+        for name, digest in manifest.get("files", {}).items():
+            weights = Path(folder) / name
+            if not weights.is_file() or file_digest(weights) != digest:
+                raise UserError(f"checkpoint {folder} is corrupt: {name} does not match its recorded digest")
+    return manifest
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Swap a finished folder in for an existing one; the old one is removed after the swap."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

