@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -77,27 +78,23 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
 
 
 @torch.no_grad()
-def input_norms(block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs) -> dict[str, torch.Tensor]:
-    """Per input column j of each linear: ``sqrt(mean over samples of ||X_j||^2)`` (Wanda's ``a``).
+def observe_inputs(
+    block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs, observe: Callable[[str, torch.Tensor], None]
+) -> None:
+    """Run the block once and call ``observe(name, x)`` with every batch of input each linear reads.
 
-    X is the module's input over one sample's tokens. Runs the block once; outputs are discarded.
+    ``x`` is ``[batch, tokens, in_features]``. The block's outputs are discarded.
     """
-    sums = {name: torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device) for name, lin in linears.items()}
 
-    def accumulate(name):
-        def hook(_module, args, _output):
-            x = args[0].detach().reshape(-1, sums[name].numel()).float()
-            sums[name] += (x * x).sum(dim=0)
+    def hook(name):
+        return lambda _module, args, _output: observe(name, args[0].detach())
 
-        return hook
-
-    handles = [lin.register_forward_hook(accumulate(name)) for name, lin in linears.items()]
+    handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
     try:
         run_block(block, inputs)
     finally:
         for h in handles:
             h.remove()
-    return {name: torch.sqrt(total / inputs.nsamples) for name, total in sums.items()}
 
 
 @contextlib.contextmanager

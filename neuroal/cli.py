@@ -46,6 +46,7 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help="magnitude, wanda, multiflow or sparsegpt")
     p.add_argument("--top-up", default=defaults["top_up"].default, help="uniform, owl, alpha, dsnot or neuroal")
     p.add_argument("--sparsity", required=True, type=float, help="fraction of prunable weights to zero, in (0, 1)")
+    p.add_argument("--structure", default=defaults["structure"].default, help="unstructured, or N:M such as 2:4")
     p.add_argument("--neuroal-step", default=defaults["neuroal_step"].default, help="block, row or both")
     p.add_argument("--neuroal-mode", default=defaults["neuroal_mode"].default, help="reference or dense")
     p.add_argument("--calib", default=defaults["calib"].default, help="calibration corpus")

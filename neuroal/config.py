@@ -22,6 +22,7 @@ class PruneConfig(BaseModel):
     method: Method
     top_up: TopUp = "uniform"
     sparsity: float = Field(gt=0, lt=1)
+    structure: str = "unstructured"  # or "N:M", e.g. "2:4"
     neuroal_step: Literal["block", "row", "both"] = "both"
     neuroal_mode: Literal["reference", "dense"] = "reference"
     calib: str = "wikipedia"

@@ -16,7 +16,8 @@ from neuroal.config import PruneConfig
 from neuroal.data import CalibrationSpec, get_corpus, sample_calibration
 from neuroal.errors import UserError
 from neuroal.models import load_model, prunable_linears, resolve_device, resolve_dtype, resolve_model
-from neuroal.pruning import base_method, prune_model, sparsity_report, top_up
+from neuroal.pruning import AllocationContext, base_method, needs_calibration, prune_model, sparsity_report, top_up
+from neuroal.pruning.masks import parse_structure
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,10 @@ def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False)
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists; choose another --out or pass --overwrite")
-    method, allocate = base_method(config.method), top_up(config.top_up)
-    if method.needs_activations:
+    method, top = base_method(config.method), top_up(config.top_up)
+    structure = _check_structure(config)
+    reads_data = needs_calibration(method, top)
+    if reads_data:
         get_corpus(config.calib)  # an unknown corpus fails before the model is loaded
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -45,17 +48,18 @@ def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False)
         source = resolve_model(config.model)
         model, tokenizer = load_model(source, dtype, config.trust_remote_code)
     calibration = None
-    if method.needs_activations:
+    if reads_data:
         _check_context(model.config, config.seqlen)
         with _timed(timings, "calibration"):
             calibration = sample_calibration(
                 tokenizer, CalibrationSpec(config.calib, config.nsamples, config.seqlen, config.seed)
             )
+    ids = calibration.input_ids if calibration else None
     with _timed(timings, "allocate"):
-        allocation = allocate(prunable_linears(model), config.sparsity)
+        context = AllocationContext(model, prunable_linears(model), config.sparsity, ids, device, config.batch_size)
+        allocation = top.allocate(context)
     with _timed(timings, "prune"):
-        ids = calibration.input_ids if calibration else None
-        prune_model(model, method, allocation, ids, device, config.batch_size)
+        prune_model(model, method, allocation, ids, device, config.batch_size, structure, top)
     report = sparsity_report(model)
     logger.info("pruned %s to %.4f sparsity (target %.4f)", config.model, report["achieved"], config.sparsity)
 
@@ -64,6 +68,7 @@ def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False)
         "method": config.method,
         "top_up": config.top_up,
         "mode": config.neuroal_mode if config.top_up == "neuroal" else None,
+        "structure": config.structure,
         "target_sparsity": config.sparsity,
         "achieved_sparsity": report["achieved"],
         "module_sparsity": report["modules"],
@@ -77,6 +82,19 @@ def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False)
         "timings": timings,
     }
     return save_checkpoint(model, tokenizer, manifest, out, overwrite=overwrite)
+
+
+def _check_structure(config: PruneConfig):
+    """N:M fixes the sparsity at n/m, and only the uniform allocation (and DSnoT's) keeps N:M."""
+    structure = parse_structure(config.structure)
+    if structure is None:
+        return None
+    n, m = structure
+    if abs(config.sparsity - n / m) > 1e-9:
+        raise UserError(f"--structure {n}:{m} prunes {n / m:g} of the weights; pass --sparsity {n / m:g}")
+    if config.top_up not in ("uniform", "dsnot"):
+        raise UserError(f"--structure {n}:{m} works with --top-up uniform or dsnot, not {config.top_up}")
+    return structure
 
 
 def _check_context(model_config, seqlen: int) -> None:

@@ -53,6 +53,27 @@ def save_tiny_model(config, tokenizer, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def tiny_family_configs(vocab_size: int = 128) -> dict:
+    """One tiny config per family of the architecture table, and one family not in it (Olmo)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    llama_like = dict(**common, intermediate_size=48, num_key_value_heads=2)
+    return {
+        "LlamaForCausalLM": tf.LlamaConfig(**llama_like),
+        "MistralForCausalLM": tf.MistralConfig(**llama_like),
+        "Qwen2ForCausalLM": tf.Qwen2Config(**llama_like),
+        "PhiForCausalLM": tf.PhiConfig(**common, intermediate_size=48),
+        "Phi3ForCausalLM": tf.Phi3Config(**common, intermediate_size=48, pad_token_id=0),
+        "OPTForCausalLM": tf.OPTConfig(**common, ffn_dim=48, word_embed_proj_dim=32),
+        "GPTNeoXForCausalLM": tf.GPTNeoXConfig(**common, intermediate_size=48),
+        "OlmoForCausalLM": tf.OlmoConfig(**llama_like),  # not in the table: generic fallback
+    }
+
+
+FAMILIES = list(tiny_family_configs())
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, tokenizer) -> Path:
     """A 3-block random Llama with GQA, as a local model folder."""

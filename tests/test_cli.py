@@ -93,9 +93,12 @@ def _bad_inputs(tiny_llama, tmp_path):
         "sparsity-one": ([], {"sparsity": "1"}, "sparsity"),
         "sparsity-above": ([], {"sparsity": "1.5"}, "sparsity"),
         "unknown-method": ([], {"method": "random"}, "method"),
-        "unbuilt-method": ([], {"method": "sparsegpt"}, "not built yet"),
         "unknown-top-up": (["--top-up", "magic"], {}, "top_up"),
-        "unbuilt-top-up": (["--top-up", "owl"], {}, "not built yet"),
+        "unbuilt-top-up": (["--top-up", "neuroal"], {}, "not built yet"),
+        "n-not-below-m": (["--structure", "4:2"], {}, "structure"),
+        "bad-structure": (["--structure", "half"], {}, "structure"),
+        "n-m-vs-sparsity": (["--structure", "2:4"], {"sparsity": "0.6"}, "--sparsity 0.5"),
+        "n-m-with-owl": (["--structure", "2:4", "--top-up", "owl"], {}, "uniform or dsnot"),
         "unknown-corpus": (["--calib", "nonsense"], {}, "corpus"),
         "seqlen-over-context": (["--seqlen", "1000"], {}, "context"),
         "missing-model": ([], {"model": tmp_path / "nowhere"}, "does not exist"),
@@ -106,8 +109,9 @@ def _bad_inputs(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["sparsity-zero", "sparsity-one", "sparsity-above", "unknown-method", "unbuilt-method", "unknown-top-up",
-     "unbuilt-top-up", "unknown-corpus", "seqlen-over-context", "missing-model", "not-a-model", "truncated-weights"],
+    ["sparsity-zero", "sparsity-one", "sparsity-above", "unknown-method", "unknown-top-up", "unbuilt-top-up",
+     "n-not-below-m", "bad-structure", "n-m-vs-sparsity", "n-m-with-owl", "unknown-corpus", "seqlen-over-context",
+     "missing-model", "not-a-model", "truncated-weights"],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tiny_llama, tmp_path, capsys, case):
     extra, changes, needle = _bad_inputs(tiny_llama, tmp_path)[case]

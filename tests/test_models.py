@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import FAMILIES, tiny_family_configs
 from neuroal.errors import UserError
 from neuroal.models import (
     ARCHITECTURES,
@@ -23,30 +24,7 @@ from neuroal.models import (
 )
 from neuroal.paths import cache_dir
 
-TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
-
-
-def tiny_family_configs():
-    """One tiny config per family of the table (and one family that is not in it)."""
-    import transformers as tf
-
-    llama_like = dict(**TINY, intermediate_size=48, num_key_value_heads=2)
-    return {
-        "LlamaForCausalLM": tf.LlamaConfig(**llama_like),
-        "MistralForCausalLM": tf.MistralConfig(**llama_like),
-        "Qwen2ForCausalLM": tf.Qwen2Config(**llama_like),
-        "PhiForCausalLM": tf.PhiConfig(**TINY, intermediate_size=48),
-        "Phi3ForCausalLM": tf.Phi3Config(**TINY, intermediate_size=48, pad_token_id=0),
-        "OPTForCausalLM": tf.OPTConfig(
-            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
-            word_embed_proj_dim=32,
-        ),
-        "GPTNeoXForCausalLM": tf.GPTNeoXConfig(**TINY, intermediate_size=48),
-        "OlmoForCausalLM": tf.OlmoConfig(**llama_like),  # not in the table: generic fallback
-    }
-
-
-@pytest.mark.parametrize("family", list(tiny_family_configs()))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_architecture_roles_name_real_linears(family):
     from transformers import AutoModelForCausalLM
 

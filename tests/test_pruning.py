@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from neuroal.calibration import capture_block_inputs, input_norms, run_block
+from neuroal.calibration import capture_block_inputs, run_block
 from neuroal.errors import UserError
 from neuroal.models import block_linears, decoder_blocks, load_model, prunable_linears, resolve_model
 from neuroal.pruning import base_method, prune_model, sparsity_report, top_up
 from neuroal.pruning.masks import per_row_mask, row_mask
 from neuroal.pruning.scores import magnitude_score, wanda_score
+from neuroal.pruning.sequential import layer_sequential
+from neuroal.pruning.statistics import NORMS
 
 CPU = torch.device("cpu")
 
@@ -68,11 +70,16 @@ def test_input_norms_are_wanda_statistic(tiny_llama):
     ids = torch.randint(0, 1000, (3, 8), generator=torch.Generator().manual_seed(0))
     blocks = decoder_blocks(model)
     inputs = capture_block_inputs(model, blocks, ids, CPU, batch_size=2)
-    norms = input_norms(blocks[0], block_linears(blocks[0]), inputs)
+    step = next(layer_sequential(model, ids, CPU, batch_size=2, kinds=frozenset((NORMS,))))
+    norms = {name: stats.norms() for name, stats in step.stats.items()}
     with torch.no_grad():
         x = blocks[0].input_layernorm(torch.cat(inputs.hidden))  # q_proj's input, [samples, tokens, cols]
     expected = torch.sqrt(sum((x[s] ** 2).sum(dim=0) for s in range(3)) / 3)
     assert torch.allclose(norms["self_attn.q_proj"], expected, rtol=1e-5)
+
+
+def uniform(model, sparsity: float) -> dict:
+    return {name: sparsity for name in prunable_linears(model)}
 
 
 def reference_wanda(model, ids: torch.Tensor, sparsity: float) -> None:
@@ -106,7 +113,7 @@ def test_layer_sequential_wanda_matches_transcription(tiny_llama):
     ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(3))
     fast, _ = load_model(resolve_model(str(tiny_llama)))
     slow, _ = load_model(resolve_model(str(tiny_llama)))
-    prune_model(fast, base_method("wanda"), top_up("uniform")(prunable_linears(fast), 0.5), ids, CPU, batch_size=3)
+    prune_model(fast, base_method("wanda"), uniform(fast, 0.5), ids, CPU, batch_size=3)
     reference_wanda(slow, ids, 0.5)
     for (name, a), b in zip(prunable_linears(fast).items(), prunable_linears(slow).values()):
         assert torch.equal(a.weight == 0, b.weight == 0), name
@@ -117,7 +124,7 @@ def test_prune_reaches_target_in_every_row(tiny_llama, method):
     model, _ = load_model(resolve_model(str(tiny_llama)))
     dense = {n: lin.weight.clone() for n, lin in prunable_linears(model).items()}
     ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(0))
-    prune_model(model, base_method(method), top_up("uniform")(prunable_linears(model), 0.5), ids, CPU)
+    prune_model(model, base_method(method), uniform(model, 0.5), ids, CPU)
     for name, lin in prunable_linears(model).items():
         zeros_per_row = (lin.weight == 0).sum(dim=1)
         assert torch.all(zeros_per_row == lin.in_features // 2), name
@@ -132,6 +139,62 @@ def test_unknown_and_unbuilt_choices_are_user_errors():
     with pytest.raises(UserError, match="unknown method"):
         base_method("random")
     with pytest.raises(UserError, match="not built yet"):
-        base_method("sparsegpt")
+        top_up("neuroal")
     with pytest.raises(UserError, match="unknown top-up"):
         top_up("magic")
+
+
+def test_refinement_hits_attention_roles_and_regrows_original_values(tiny_llama):
+    """A top-up's refinement runs on the modules of its roles only (DSnoT: attention), and a weight
+    it regrows comes back with its dense value even after SparseGPT updated the kept weights."""
+    from neuroal.pruning.allocators import uniform as uniform_allocation
+    from neuroal.pruning.methods import TopUp
+
+    model, _ = load_model(resolve_model(str(tiny_llama)))
+    dense = {n: lin.weight.clone() for n, lin in prunable_linears(model).items()}
+    regrown = {}  # id(weight) -> the (row, column) put back
+
+    def regrow_one(weight, mask, stats, structure):
+        column = int(mask[0].nonzero()[0])
+        regrown[id(weight)] = (0, column)
+        new = mask.clone()
+        new[0, column] = False
+        new[0, int((~mask[0]).nonzero()[0])] = True  # keep the row's count
+        return new
+
+    spy = TopUp("spy", uniform_allocation, regrow_one, ("attn_in", "attn_out"))
+    ids = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
+    prune_model(model, base_method("sparsegpt"), uniform(model, 0.5), ids, CPU, top_up=spy)
+    linears = prunable_linears(model)
+    attention = {n for n in linears if ".self_attn." in n}
+    assert set(regrown) == {id(linears[n].weight) for n in attention}
+    for name in attention:
+        row, column = regrown[id(linears[name].weight)]
+        assert linears[name].weight[row, column] == dense[name][row, column] != 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sequential_onloading_keeps_the_model_home():
+    """Blocks visit the GPU one at a time: the model ends on the CPU, the device never held all of
+    it at once, and the masks agree with a CPU prune."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_llama_config
+
+    config = tiny_llama_config(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=8)
+    cuda = torch.device("cuda")
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(AutoModelForCausalLM.from_config(config).eval())
+    on_gpu, on_cpu = models
+    model_bytes = sum(p.numel() * p.element_size() for p in on_gpu.parameters())
+    torch.cuda.reset_peak_memory_stats(cuda)
+    prune_model(on_gpu, base_method("wanda"), uniform(on_gpu, 0.5), ids, cuda)
+    prune_model(on_cpu, base_method("wanda"), uniform(on_cpu, 0.5), ids, CPU)
+    assert all(p.device.type == "cpu" for p in on_gpu.parameters())
+    assert torch.cuda.max_memory_allocated(cuda) < model_bytes / 2  # 8 blocks, about one at a time
+    for a, b in zip(prunable_linears(on_gpu).values(), prunable_linears(on_cpu).values()):
+        assert ((a.weight == 0) == (b.weight == 0)).float().mean() > 0.99

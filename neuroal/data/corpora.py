@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from neuroal.digests import json_digest
 from neuroal.errors import UserError
 from neuroal.paths import cache_dir
 
@@ -241,7 +242,7 @@ def _read_json_cache(path: Path) -> list | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         payload = record["payload"]
-        if record["sha256"] != _json_digest(payload):
+        if record["sha256"] != json_digest(payload):
             raise ValueError("checksum mismatch")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("ignoring unreadable corpus cache %s (%s); rebuilding it", path, exc)
@@ -251,7 +252,7 @@ def _read_json_cache(path: Path) -> list | None:
 
 def _write_json_cache(path: Path, payload: list) -> None:
     """Write a cache file atomically: a temporary file in the same folder, then a rename."""
-    record = {"sha256": _json_digest(payload), "payload": payload}
+    record = {"sha256": json_digest(payload), "payload": payload}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -260,10 +261,6 @@ def _write_json_cache(path: Path, payload: list) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _json_digest(payload: list) -> str:
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from neuroal.models.architectures import (
     architecture_of,
     block_linears,
     decoder_blocks,
+    linears_by_block,
     prunable_linears,
 )
 from neuroal.models.loading import (
@@ -25,6 +26,7 @@ __all__ = [
     "architecture_of",
     "block_linears",
     "decoder_blocks",
+    "linears_by_block",
     "load_model",
     "prunable_linears",
     "resolve_device",

@@ -118,14 +118,18 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
-def prunable_linears(model: nn.Module, arch: Architecture | None = None) -> dict[str, nn.Linear]:
-    """Every prunable module of the model by its full name (``model.layers.3.mlp.up_proj``)."""
+def linears_by_block(model: nn.Module, arch: Architecture | None = None) -> list[dict[str, nn.Linear]]:
+    """Per decoder block, its prunable modules by full name (``model.layers.3.mlp.up_proj``)."""
     arch = arch or architecture_of(model)
-    out: dict[str, nn.Linear] = {}
-    for index, block in enumerate(decoder_blocks(model, arch)):
-        for name, linear in block_linears(block).items():
-            out[f"{arch.blocks}.{index}.{name}"] = linear
-    return out
+    return [
+        {f"{arch.blocks}.{index}.{name}": linear for name, linear in block_linears(block).items()}
+        for index, block in enumerate(decoder_blocks(model, arch))
+    ]
+
+
+def prunable_linears(model: nn.Module, arch: Architecture | None = None) -> dict[str, nn.Linear]:
+    """Every prunable module of the model by its full name, in block order."""
+    return {name: lin for block in linears_by_block(model, arch) for name, lin in block.items()}
 
 
 def _generic_architecture(model: nn.Module) -> Architecture:

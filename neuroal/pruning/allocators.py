@@ -1,17 +1,89 @@
-"""Sparsity allocators (top-ups): decide how much of each module to prune. Any base method
+"""Sparsity allocators (top-ups): decide how much of each module to prune; any base method
 consumes the result. An allocation maps a module's full name to one sparsity, or to a tensor of
-per-row sparsities."""
+per-row sparsities. The math lives in ``owl.py`` and ``alpha.py``; this file feeds it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Union
 
 import torch
 from torch import nn
 
+from neuroal.models import linears_by_block
+from neuroal.pruning.alpha import block_alpha, alpha_sparsities
+from neuroal.pruning.owl import outlier_ratio, owl_sparsities
+from neuroal.pruning.scores import wanda_score
+from neuroal.pruning.sequential import layer_sequential
+from neuroal.pruning.statistics import NORMS
+
 Allocation = dict[str, Union[float, torch.Tensor]]
 
 
-def uniform(linears: dict[str, nn.Linear], sparsity: float) -> Allocation:
+@dataclass
+class AllocationContext:
+    """What an allocator may look at: the model, its prunable modules, the target, the data."""
+
+    model: nn.Module
+    linears: dict[str, nn.Linear]  # prunable modules by full name, in block order
+    sparsity: float
+    calibration_ids: torch.Tensor | None
+    device: torch.device
+    batch_size: int = 8
+
+
+def uniform(ctx: AllocationContext) -> Allocation:
     """Every prunable module at the target sparsity."""
-    return {name: sparsity for name in linears}
+    return {name: ctx.sparsity for name in ctx.linears}
+
+
+def owl(ctx: AllocationContext) -> Allocation:
+    """OWL: blocks with more Wanda-score outliers (> M x mean) are pruned less.
+
+    The outlier ratios come from the dense model, block by block, as in the authors' code.
+    """
+    ratios, names = [], []
+    steps = layer_sequential(ctx.model, ctx.calibration_ids, ctx.device, ctx.batch_size, frozenset((NORMS,)), "owl")
+    for step in steps:
+        scores = [wanda_score(lin.weight, step.stats[n].norms()) for n, lin in step.linears.items()]
+        ratios.append(outlier_ratio(scores))
+        names.append([f"{step.prefix}.{n}" for n in step.linears])
+    return expand_to_modules(owl_sparsities(ratios, ctx.sparsity), names)
+
+
+def alpha(ctx: AllocationContext) -> Allocation:
+    """AlphaPruning: blocks whose weight spectra are less heavy-tailed (higher alpha) are pruned
+    more; the parameter-weighted mean stays at the target."""
+    blocks = linears_by_block(ctx.model)
+    alphas = [block_alpha([lin.weight.to(ctx.device) for lin in b.values()]) for b in blocks]
+    params = [sum(lin.weight.numel() for lin in b.values()) for b in blocks]
+    return expand_to_modules(alpha_sparsities(alphas, params, ctx.sparsity), [list(b) for b in blocks])
+
+
+def expand_to_modules(
+    block_sparsities: list[float], module_names_by_block: list[list[str]]
+) -> dict[str, float]:
+    """Give every module of a block its block's sparsity.
+
+    Args:
+        block_sparsities: one sparsity per block.
+        module_names_by_block: for each block, the full names of its prunable modules (e.g.
+            ``model.layers.3.mlp.up_proj``), in the same block order.
+
+    Returns:
+        ``{module full name: sparsity}``, in block then module order.
+
+    Raises:
+        ValueError: if the two sequences differ in length or a module name repeats.
+    """
+    if len(block_sparsities) != len(module_names_by_block):
+        raise ValueError(
+            f"{len(block_sparsities)} block sparsities for {len(module_names_by_block)} blocks of module names"
+        )
+    allocation: dict[str, float] = {}
+    for value, names in zip(block_sparsities, module_names_by_block):
+        for name in names:
+            if name in allocation:
+                raise ValueError(f"module {name!r} appears in more than one block")
+            allocation[name] = float(value)
+    return allocation

@@ -3,7 +3,11 @@ weight to prune."""
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+from neuroal.errors import UserError
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -27,3 +31,62 @@ def _lowest_k_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros_like(scores, dtype=torch.bool)
     mask.scatter_(1, order, prune_sorted)
     return mask
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M semi-structured mask: in every row, prune the ``n`` lowest of each ``m`` consecutive columns.
+
+    Ties go to the lower column index (``torch.sort(stable=True)`` within each group), so the mask
+    is the same on every device.
+
+    Args:
+        scores: ``[out, in]``; higher = more important.
+        n: how many of each group to prune.
+        m: the group length; ``in`` must be a multiple of it.
+
+    Returns:
+        A bool mask shaped like ``scores``, True = prune; exactly ``n`` per group.
+
+    Raises:
+        UserError: when not ``1 <= n < m`` or ``in`` is not a multiple of ``m``.
+    """
+    check_nm(n, m, scores.shape[1])
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=2, stable=True).indices
+    prune_sorted = (torch.arange(m, device=scores.device) < n).expand_as(order)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, order, prune_sorted)
+    return mask.reshape(rows, cols)
+
+
+def check_nm(n: int, m: int, columns: int) -> None:
+    """Raise ``UserError`` unless ``1 <= n < m`` and ``columns`` is a multiple of ``m``."""
+    if not 1 <= n < m:
+        raise UserError(f"N:M structure needs 1 <= N < M, got {n}:{m}")
+    if columns % m:
+        raise UserError(f"N:M structure {n}:{m} needs the input size to be a multiple of {m}, got {columns}")
+
+
+def parse_structure(text: str) -> tuple[int, int] | None:
+    """Parse the ``--structure`` value.
+
+    Args:
+        text: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"``.
+
+    Returns:
+        None for unstructured, else ``(n, m)``.
+
+    Raises:
+        UserError: on anything else, or when not ``1 <= N < M``.
+    """
+    value = text.strip().lower()
+    if value == "unstructured":
+        return None
+    match = re.fullmatch(r"(\d+):(\d+)", value)
+    if match is None:
+        raise UserError(f"--structure must be 'unstructured' or N:M such as 2:4, got {text!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise UserError(f"--structure N:M needs 1 <= N < M, got {text!r}")
+    return n, m

@@ -1,4 +1,5 @@
-"""Wiring: apply a base method with an allocation to a model, block by block."""
+"""Wiring: apply a base method (and a top-up's mask refinement) with an allocation, block by
+block."""
 
 from __future__ import annotations
 
@@ -6,13 +7,11 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from neuroal.calibration import capture_block_inputs, input_norms, onloaded, run_block
-from neuroal.models import architecture_of, block_linears, decoder_blocks, prunable_linears
+from neuroal.models import architecture_of, prunable_linears
 from neuroal.pruning.allocators import Allocation
-from neuroal.pruning.masks import per_row_mask, row_mask
-from neuroal.pruning.methods import BaseMethod
+from neuroal.pruning.methods import BaseMethod, Structure, TopUp
+from neuroal.pruning.sequential import layer_sequential
 
 logger = logging.getLogger(__name__)
 
@@ -25,36 +24,32 @@ def prune_model(
     calibration_ids: torch.Tensor | None,
     device: torch.device,
     batch_size: int = 8,
+    structure: Structure = None,
+    top_up: TopUp | None = None,
 ) -> None:
-    """Prune ``model`` in place.
+    """Prune ``model`` in place, block by block, with the reference's layer-sequential procedure.
 
-    Methods that read activations run layer-sequentially: block i is scored with the inputs that
-    the already-pruned blocks 0..i-1 produce (the reference procedure), and only block i is on
-    ``device`` while it is worked on.
+    A top-up's refinement (DSnoT) moves mask entries after the base method; weights it regrows
+    come back with their original values, so it composes with SparseGPT's updated weights too.
     """
-    arch = architecture_of(model)
-    blocks = decoder_blocks(model, arch)
-    if not method.needs_activations:
-        for index, block in enumerate(tqdm(blocks, desc=f"prune {method.name}", leave=False)):
-            with onloaded(block, device):
-                _prune_block(block, f"{arch.blocks}.{index}", method, allocation, norms=None)
-        return
-    if calibration_ids is None:
-        raise ValueError(f"{method.name} needs calibration data")
-    inputs = capture_block_inputs(model, blocks, calibration_ids, device, batch_size)
-    for index, block in enumerate(tqdm(blocks, desc=f"prune {method.name}", leave=False)):
-        with onloaded(block, device):
-            norms = input_norms(block, block_linears(block), inputs)
-            _prune_block(block, f"{arch.blocks}.{index}", method, allocation, norms)
-            inputs = run_block(block, inputs)
+    kinds = method.statistics | (top_up.statistics if top_up else frozenset())
+    refined = _refined_modules(model, top_up)
+    for step in layer_sequential(model, calibration_ids, device, batch_size, kinds, desc=f"prune {method.name}"):
+        for name, linear in step.linears.items():
+            original, stats = linear.weight, step.stats.get(name)
+            weight, mask = method.prune(original, stats, allocation[f"{step.prefix}.{name}"], structure)
+            if name in refined:
+                base_mask, mask = mask, top_up.refine(original, mask, stats, structure)
+                weight = torch.where(base_mask & ~mask, original, weight)
+            linear.weight.copy_(weight.masked_fill(mask, 0))
 
 
-def _prune_block(block, prefix, method: BaseMethod, allocation: Allocation, norms) -> None:
-    for name, linear in block_linears(block).items():
-        scores = method.score(linear.weight, None if norms is None else norms[name])
-        sparsity = allocation[f"{prefix}.{name}"]
-        mask = row_mask(scores, sparsity) if isinstance(sparsity, float) else per_row_mask(scores, sparsity)
-        linear.weight[mask] = 0
+def _refined_modules(model: nn.Module, top_up: TopUp | None) -> set[str]:
+    """Block-relative names of the modules a top-up refines, from the architecture's roles."""
+    if top_up is None or top_up.refine is None:
+        return set()
+    roles = architecture_of(model).roles()
+    return {name for role in top_up.refine_roles for name in roles[role]}
 
 
 def sparsity_report(model: nn.Module) -> dict:

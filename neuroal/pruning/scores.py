@@ -14,3 +14,26 @@ def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
 def wanda_score(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
     """``|W| * a``, with ``a`` the per-input-column activation norm broadcast over rows (Wanda)."""
     return weight.abs().float() * act_norm.float().unsqueeze(0)
+
+
+def multiflow_score(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
+    """MULTIFLOW's information-flow score ``|W| * outer(i_out, i_in)``.
+
+    With ``S = |W| * a`` (Wanda's score, ``a`` broadcast over rows), ``i_out`` is the mean of each
+    row of ``S`` (one value per output neuron) and ``i_in`` the mean of each column of ``S`` (one
+    value per input neuron). Same formula as the NeuroAl authors' ``prune_multiflow`` (which
+    uses ``torch.ger``, the old name of ``torch.outer``), computed here in float32 rather than in
+    the weight's dtype.
+
+    Args:
+        weight: the module's weight, ``[out, in]``.
+        act_norm: the activation norm ``a`` of each input column, ``[in]``.
+
+    Returns:
+        The float32 score matrix, ``[out, in]``.
+    """
+    magnitude = weight.abs().float()
+    flow = magnitude * act_norm.float().unsqueeze(0)
+    importance_out = flow.mean(dim=1)
+    importance_in = flow.mean(dim=0)
+    return magnitude * torch.outer(importance_out, importance_in)

@@ -1,0 +1,113 @@
+"""OWL (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity"): the pure math.
+
+Blocks whose Wanda scores hold more outliers are pruned less. Transcribed from the authors'
+``prune_wanda_outlier`` in ``luuyin/OWL`` ``lib/prune_all.py``:
+
+* per decoder block, the Wanda scores ``|W| * sqrt(scaler_row)`` of *all* its linear modules are
+  flattened and concatenated; one mean is taken over that whole block (not per module), and the
+  outlier ratio is the share of the block's entries strictly greater than ``Hyper_m * mean``
+  (``check_outlier_mean``; the authors report it in percent, here a fraction: the min-max step
+  below makes the two give identical sparsities);
+* ``r = (r - min) / (max - min) * 2 * Lamda``; ``r = r - mean(r) + (1 - sparsity)`` is each
+  block's density, its sparsity ``1 - r``; a sparsity ``<= 0`` becomes 0.01.
+
+Hooks, the layer-sequential walk and the mapping to modules live in ``allocators.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Hyper_m of the paper and of the authors' LLaMA scripts (`llama7b_wanda_owll.sh`): an entry is an
+# outlier when it exceeds 5x the block's mean score (the paper's sweep found M in 3..10 robust).
+DEFAULT_M = 5.0
+# Lamda of the authors' scripts: block sparsities span [s - 0.08, s + 0.08]; the paper's best
+# value for LLaMA at 70% (their sweep over 0.02..0.2).
+DEFAULT_LAMBDA = 0.08
+# The authors' floor: a block whose sparsity comes out <= 0 is pruned at 1% instead
+# (`if layer_sparsity_ratio<=0: layer_sparsity_ratio=0.01`).
+MIN_SPARSITY = 0.01
+# Our mirror of that floor at the top (the authors have none): a block never loses more than 99%
+# of its weights, which can only happen for targets above 1 - 2 * lambda (0.84 with the default).
+MAX_SPARSITY = 0.99
+
+
+def outlier_ratio(scores: Sequence[torch.Tensor], m: float = DEFAULT_M) -> float:
+    """Share of a block's Wanda scores that exceed ``m`` times the block's mean score.
+
+    All modules of the block are pooled, as in the authors' ``check_outlier_mean`` on the
+    concatenation of the block's flattened score matrices: one mean over every entry of every
+    module, then one count over every entry. The mean is accumulated in float64 module by module
+    instead of concatenating (same value up to float32 rounding, without a block-sized copy).
+
+    Args:
+        scores: the Wanda score matrices ``|W| * a`` of all linear modules of one block, any shapes,
+            on any device.
+        m: the outlier multiple (``Hyper_m``).
+
+    Returns:
+        The fraction in ``[0, 1]`` of the block's score entries strictly greater than
+        ``m * mean`` (the authors' value divided by 100).
+
+    Raises:
+        ValueError: if ``scores`` is empty or holds no entries.
+    """
+    total = sum(s.numel() for s in scores)
+    if total == 0:
+        raise ValueError("outlier_ratio needs at least one non-empty score matrix")
+    mean = sum(s.detach().sum(dtype=torch.float64).item() for s in scores) / total
+    threshold = m * mean
+    # Compared in float32, as the authors compare their float32 scores with a float32 threshold.
+    count = sum(int((s.detach().float() > threshold).sum().item()) for s in scores)
+    return count / total
+
+
+def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float = DEFAULT_LAMBDA) -> list[float]:
+    """Per-block sparsities from per-block outlier ratios: more outliers, less sparsity.
+
+    The ratios are mapped min-max onto ``[0, 2 * lam]``, shifted so that their mean is the target
+    density ``1 - sparsity``, and each block's sparsity is ``1 - density``: the block with the most
+    outliers gets the least sparsity, the one with the fewest the most, ``2 * lam`` apart. The plain
+    mean of the result equals ``sparsity`` (blocks weighted equally, as the authors do) unless a value had
+    to be clamped into ``[MIN_SPARSITY, MAX_SPARSITY]`` (logged). All-equal ratios, where the
+    authors' code divides by zero, give every block the target.
+
+    Args:
+        ratios: one outlier ratio per block (fraction or percent: the mapping is scale-free).
+        sparsity: the target sparsity in ``[0, 1)``.
+        lam: half the spread of the block sparsities (``Lamda``).
+
+    Returns:
+        One sparsity per block, in block order.
+
+    Raises:
+        ValueError: on an empty ``ratios``, a target outside ``[0, 1)`` or a negative ``lam``.
+    """
+    if len(ratios) == 0:
+        raise ValueError("owl_sparsities needs at least one block ratio")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if lam < 0:
+        raise ValueError(f"lambda must be >= 0, got {lam}")
+    r = torch.tensor([float(x) for x in ratios], dtype=torch.float64)  # numpy float64 in the original
+    low, high = r.min(), r.max()
+    if high > low:
+        r = (r - low) * (1 / (high - low) * lam * 2)
+    else:
+        r = torch.zeros_like(r)  # no spread to map: every block at the mean density
+    density = r - r.mean() + (1 - sparsity)
+    result = (1 - density).tolist()
+    clamped = [MIN_SPARSITY if s <= 0 else min(s, MAX_SPARSITY) for s in result]
+    if clamped != result:
+        logger.warning(
+            "OWL: %d block sparsities clamped into [%.2f, %.2f]; the mean is no longer the target",
+            sum(a != b for a, b in zip(clamped, result)),
+            MIN_SPARSITY,
+            MAX_SPARSITY,
+        )
+    return clamped

@@ -1,0 +1,58 @@
+"""Walk a model's decoder blocks layer-sequentially with the statistics of each module's inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from neuroal.calibration import capture_block_inputs, observe_inputs, onloaded, run_block
+from neuroal.models import architecture_of, block_linears, decoder_blocks
+from neuroal.pruning.statistics import InputStats
+
+
+@dataclass
+class BlockStep:
+    """One decoder block, on the compute device, with the statistics of its modules' inputs."""
+
+    index: int
+    prefix: str  # full name of the block, e.g. "model.layers.3"
+    block: nn.Module
+    linears: dict[str, nn.Linear]  # by name relative to the block
+    stats: dict[str, InputStats]  # empty when no statistics were asked for
+
+
+def layer_sequential(
+    model: nn.Module,
+    calibration_ids: torch.Tensor | None,
+    device: torch.device,
+    batch_size: int,
+    kinds: frozenset[str],
+    desc: str = "blocks",
+) -> Iterator[BlockStep]:
+    """Yield each block with its input statistics; the caller may prune it before resuming.
+
+    Block i sees the inputs that blocks 0..i-1 produce *as they are when the caller resumes*, so
+    pruning inside the loop gives the reference's layer-sequential procedure and not pruning
+    gives dense statistics. With no ``kinds`` no data is run at all.
+    """
+    arch = architecture_of(model)
+    blocks = decoder_blocks(model, arch)
+    inputs = None
+    if kinds:
+        if calibration_ids is None:
+            raise ValueError(f"statistics {sorted(kinds)} need calibration data")
+        inputs = capture_block_inputs(model, blocks, calibration_ids, device, batch_size)
+    for index, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
+        with onloaded(block, device):
+            linears = block_linears(block)
+            stats: dict[str, InputStats] = {}
+            if inputs is not None:
+                stats = {name: InputStats(kinds) for name in linears}
+                observe_inputs(block, linears, inputs, lambda name, x: stats[name].add(x))
+            yield BlockStep(index, f"{arch.blocks}.{index}", block, linears, stats)
+            if inputs is not None and index + 1 < len(blocks):
+                inputs = run_block(block, inputs)
