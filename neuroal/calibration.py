@@ -80,18 +80,16 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
 @torch.no_grad()
 def observe_inputs(
     block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs, observe: Callable[[str, torch.Tensor], None]
-) -> None:
-    """Run the block once and call ``observe(name, x)`` with every batch of input each linear reads.
-
-    ``x`` is ``[batch, tokens, in_features]``. The block's outputs are discarded.
-    """
+) -> BlockInputs:
+    """Run the block once, calling ``observe(name, x)`` with every batch of input each linear reads
+    (``x``: ``[batch, tokens, in_features]``); returns the block's outputs."""
 
     def hook(name):
         return lambda _module, args, _output: observe(name, args[0].detach())
 
     handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
     try:
-        run_block(block, inputs)
+        return run_block(block, inputs)
     finally:
         for h in handles:
             h.remove()

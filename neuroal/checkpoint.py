@@ -18,10 +18,12 @@ from neuroal.errors import UserError
 MANIFEST = "neuroal.json"
 
 
-def save_checkpoint(model, tokenizer, manifest: dict, out: Path, overwrite: bool = False) -> dict:
+def save_checkpoint(model, tokenizer, manifest: dict, out: Path, overwrite: bool = False, extras=None) -> dict:
     """Write ``model``, ``tokenizer`` and ``manifest`` (plus weight digests) to the folder ``out``.
 
-    Returns the manifest as written. Refuses an existing ``out`` unless ``overwrite``.
+    ``extras`` maps file names to writers ``f(path)`` (plots) run inside the folder before it is
+    renamed into place. Returns the manifest as written. Refuses an existing ``out`` unless
+    ``overwrite``.
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -33,6 +35,8 @@ def save_checkpoint(model, tokenizer, manifest: dict, out: Path, overwrite: bool
         tokenizer.save_pretrained(tmp)
         manifest = {**manifest, "files": {p.name: file_digest(p) for p in weight_files(tmp)}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        for name, write in (extras or {}).items():
+            write(tmp / name)
         if out.exists():
             _replace_folder(tmp, out)
         else:

@@ -49,6 +49,8 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--structure", default=defaults["structure"].default, help="unstructured, or N:M such as 2:4")
     p.add_argument("--neuroal-step", default=defaults["neuroal_step"].default, help="block, row or both")
     p.add_argument("--neuroal-mode", default=defaults["neuroal_mode"].default, help="reference or dense")
+    p.add_argument("--neuroal-strategy", default=defaults["neuroal_strategy"].default,
+                   help="grid (every candidate) or coarse (every third, then around the best)")
     p.add_argument("--calib", default=defaults["calib"].default, help="calibration corpus")
     for name in ("nsamples", "search_nsamples", "seqlen", "batch_size", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name].default)

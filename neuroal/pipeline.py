@@ -15,6 +15,7 @@ from neuroal.checkpoint import save_checkpoint
 from neuroal.config import PruneConfig
 from neuroal.data import CalibrationSpec, get_corpus, sample_calibration
 from neuroal.errors import UserError
+from neuroal.plots import ALLOCATION_PNG, plot_allocation
 from neuroal.models import load_model, prunable_linears, resolve_device, resolve_dtype, resolve_model
 from neuroal.pruning import AllocationContext, base_method, needs_calibration, prune_model, sparsity_report, top_up
 from neuroal.pruning.masks import parse_structure
@@ -34,11 +35,21 @@ def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False)
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists; choose another --out or pass --overwrite")
+    model, tokenizer, manifest = prune_in_memory(config)
+    plot = {ALLOCATION_PNG: lambda path: plot_allocation(manifest, path)}
+    return save_checkpoint(model, tokenizer, manifest, out, overwrite=overwrite, extras=plot)
+
+
+def prune_in_memory(config: PruneConfig):
+    """Load and prune ``config.model``; returns ``(model, tokenizer, manifest)`` without saving."""
     method, top = base_method(config.method), top_up(config.top_up)
     structure = _check_structure(config)
     reads_data = needs_calibration(method, top)
     if reads_data:
         get_corpus(config.calib)  # an unknown corpus fails before the model is loaded
+    if top.searches and config.search_nsamples > config.nsamples:
+        raise UserError(f"--search-nsamples {config.search_nsamples} exceeds --nsamples {config.nsamples}; "
+                        "the search set is the first windows of the calibration set")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
@@ -56,7 +67,11 @@ def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False)
             )
     ids = calibration.input_ids if calibration else None
     with _timed(timings, "allocate"):
-        context = AllocationContext(model, prunable_linears(model), config.sparsity, ids, device, config.batch_size)
+        context = AllocationContext(
+            model, prunable_linears(model), config.sparsity, ids, device, config.batch_size, method=method,
+            search_ids=calibration.search_set(config.search_nsamples) if top.searches else None,
+            options={"step": config.neuroal_step, "mode": config.neuroal_mode, "strategy": config.neuroal_strategy},
+        )
         allocation = top.allocate(context)
     with _timed(timings, "prune"):
         prune_model(model, method, allocation, ids, device, config.batch_size, structure, top)
@@ -72,7 +87,8 @@ def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False)
         "target_sparsity": config.sparsity,
         "achieved_sparsity": report["achieved"],
         "module_sparsity": report["modules"],
-        "lambdas": None,  # set by the NeuroAl top-up
+        "lambdas": _lambdas(context.details),
+        "allocation": context.details,
         "calibration": {**calibration.spec.to_dict(), "digest": calibration.digest} if calibration else None,
         "seed": config.seed,
         "config": config.model_dump(),
@@ -81,7 +97,13 @@ def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False)
         "versions": _versions(),
         "timings": timings,
     }
-    return save_checkpoint(model, tokenizer, manifest, out, overwrite=overwrite)
+    return model, tokenizer, manifest
+
+
+def _lambdas(details: dict) -> dict | None:
+    """NeuroAl's chosen lambdas (None for other top-ups)."""
+    search = details.get("neuroal")
+    return {"block": search["block_lambda"], "row": search["row_lambda"]} if search else None
 
 
 def _check_structure(config: PruneConfig):

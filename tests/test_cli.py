@@ -94,7 +94,8 @@ def _bad_inputs(tiny_llama, tmp_path):
         "sparsity-above": ([], {"sparsity": "1.5"}, "sparsity"),
         "unknown-method": ([], {"method": "random"}, "method"),
         "unknown-top-up": (["--top-up", "magic"], {}, "top_up"),
-        "unbuilt-top-up": (["--top-up", "neuroal"], {}, "not built yet"),
+        "search-over-nsamples": (["--top-up", "neuroal", "--search-nsamples", "8"], {}, "exceeds --nsamples"),
+        "unknown-neuroal-mode": (["--top-up", "neuroal", "--neuroal-mode", "fast"], {}, "neuroal_mode"),
         "n-not-below-m": (["--structure", "4:2"], {}, "structure"),
         "bad-structure": (["--structure", "half"], {}, "structure"),
         "n-m-vs-sparsity": (["--structure", "2:4"], {"sparsity": "0.6"}, "--sparsity 0.5"),
@@ -109,7 +110,8 @@ def _bad_inputs(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["sparsity-zero", "sparsity-one", "sparsity-above", "unknown-method", "unknown-top-up", "unbuilt-top-up",
+    ["sparsity-zero", "sparsity-one", "sparsity-above", "unknown-method", "unknown-top-up", "search-over-nsamples",
+     "unknown-neuroal-mode",
      "n-not-below-m", "bad-structure", "n-m-vs-sparsity", "n-m-with-owl", "unknown-corpus", "seqlen-over-context",
      "missing-model", "not-a-model", "truncated-weights"],
 )

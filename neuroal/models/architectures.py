@@ -31,6 +31,9 @@ class Architecture:
     attn_out: tuple[str, ...] = ()
     mlp_in: tuple[str, ...] = ()
     mlp_out: tuple[str, ...] = ()
+    # Row order of a fused q/k/v projection: "concat" ([q; k; v]) or "per_head" ([q_h; k_h; v_h]
+    # for each head h, as GPT-NeoX lays out query_key_value).
+    qkv_layout: str = "concat"
 
     def roles(self) -> dict[str, tuple[str, ...]]:
         """Role name -> module names, for the roles this architecture knows."""
@@ -85,6 +88,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         attn_out=("attention.dense",),
         mlp_in=("mlp.dense_h_to_4h",),
         mlp_out=("mlp.dense_4h_to_h",),
+        qkv_layout="per_head",
     ),
 }
 

@@ -1,7 +1,8 @@
 """Scores, masks, base methods, sparsity allocators and the wiring that applies them."""
 
 from neuroal.pruning.allocators import AllocationContext
-from neuroal.pruning.methods import BASE_METHODS, TOP_UPS, base_method, needs_calibration, top_up
+from neuroal.pruning.methods import BASE_METHODS, base_method
+from neuroal.pruning.topups import TOP_UPS, needs_calibration, top_up
 from neuroal.pruning.prune import prune_model, sparsity_report
 
 __all__ = [

@@ -4,7 +4,7 @@ per-row sparsities. The math lives in ``owl.py`` and ``alpha.py``; this file fee
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 import torch
@@ -22,7 +22,11 @@ Allocation = dict[str, Union[float, torch.Tensor]]
 
 @dataclass
 class AllocationContext:
-    """What an allocator may look at: the model, its prunable modules, the target, the data."""
+    """What an allocator may look at: the model, its prunable modules, the target, the data.
+
+    Allocators record what they found (OWL's ratios, the alphas, NeuroAl's search) in ``details``,
+    which goes into the checkpoint's manifest.
+    """
 
     model: nn.Module
     linears: dict[str, nn.Linear]  # prunable modules by full name, in block order
@@ -30,6 +34,10 @@ class AllocationContext:
     calibration_ids: torch.Tensor | None
     device: torch.device
     batch_size: int = 8
+    method: object = None  # the base method (NeuroAl prunes with it while searching)
+    search_ids: torch.Tensor | None = None  # NeuroAl's search set: the first calibration windows
+    options: dict = field(default_factory=dict)  # top-up options, e.g. NeuroAl's step and mode
+    details: dict = field(default_factory=dict)
 
 
 def uniform(ctx: AllocationContext) -> Allocation:
@@ -48,6 +56,7 @@ def owl(ctx: AllocationContext) -> Allocation:
         scores = [wanda_score(lin.weight, step.stats[n].norms()) for n, lin in step.linears.items()]
         ratios.append(outlier_ratio(scores))
         names.append([f"{step.prefix}.{n}" for n in step.linears])
+    ctx.details["outlier_ratios"] = ratios
     return expand_to_modules(owl_sparsities(ratios, ctx.sparsity), names)
 
 
@@ -57,6 +66,7 @@ def alpha(ctx: AllocationContext) -> Allocation:
     blocks = linears_by_block(ctx.model)
     alphas = [block_alpha([lin.weight.to(ctx.device) for lin in b.values()]) for b in blocks]
     params = [sum(lin.weight.numel() for lin in b.values()) for b in blocks]
+    ctx.details["block_alphas"] = alphas
     return expand_to_modules(alpha_sparsities(alphas, params, ctx.sparsity), [list(b) for b in blocks])
 
 

@@ -12,25 +12,41 @@ from neuroal.errors import UserError
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune, in every row, the ``floor(sparsity * in)`` lowest scores (stable sort, ties by index)."""
-    k = int(scores.shape[1] * sparsity)  # int() truncates: the reference's floor
-    return _lowest_k_per_row(scores, torch.full((scores.shape[0],), k, device=scores.device))
+    return mask_from_ranks(row_ranks(scores), prune_counts(scores.shape, sparsity, scores.device))
 
 
 def per_row_mask(scores: torch.Tensor, row_sparsities: torch.Tensor) -> torch.Tensor:
     """One sparsity per output row: row r keeps its ``floor((1 - s_r) * in)`` highest scores."""
-    cols = scores.shape[1]
-    keep = torch.floor((1 - row_sparsities.double()) * cols).long()
-    return _lowest_k_per_row(scores, cols - keep.to(scores.device))
+    return mask_from_ranks(row_ranks(scores), prune_counts(scores.shape, row_sparsities, scores.device))
 
 
-def _lowest_k_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Mark the ``k[r]`` lowest entries of each row r."""
+def row_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry within its row, 0 = lowest score (stable: ties by column index).
+
+    Ranks depend on the scores only, so a search that tries many sparsities on fixed scores sorts
+    once and builds each mask with :func:`mask_from_ranks`. Stored as int16 when a row fits.
+    """
+    rows, cols = scores.shape
+    dtype = torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
     order = torch.sort(scores, dim=1, stable=True).indices
-    ranks = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0)
-    prune_sorted = ranks < k.unsqueeze(1)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    mask.scatter_(1, order, prune_sorted)
-    return mask
+    ranks = torch.empty((rows, cols), dtype=dtype, device=scores.device)
+    ranks.scatter_(1, order, torch.arange(cols, dtype=dtype, device=scores.device).expand(rows, cols))
+    return ranks
+
+
+def prune_counts(shape: torch.Size, sparsity, device: torch.device) -> torch.Tensor:
+    """Weights to prune in each row: ``floor(s * in)`` for one sparsity (``int()``, as the reference
+    truncates), ``in - floor((1 - s_r) * in)`` for per-row sparsities."""
+    rows, cols = shape
+    if isinstance(sparsity, torch.Tensor):
+        keep = torch.floor((1 - sparsity.double()) * cols).long()
+        return (cols - keep).to(device)
+    return torch.full((rows,), int(cols * sparsity), dtype=torch.long, device=device)
+
+
+def mask_from_ranks(ranks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Prune the ``counts[r]`` lowest-ranked entries of each row r."""
+    return ranks < counts.unsqueeze(1).to(ranks.dtype)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

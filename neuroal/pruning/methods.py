@@ -1,5 +1,5 @@
-"""Registries of base methods (how to score and prune weights) and top-ups (how much to prune
-where). Adding a method or a top-up is one entry here; the wiring in ``prune.py`` is shared."""
+"""The registry of base methods: how to score and prune a module's weights. Adding a method is one
+entry here; the wiring in ``prune.py`` is shared. Top-ups are registered in ``topups.py``."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from typing import Callable, Optional, Union
 import torch
 
 from neuroal.errors import UserError
-from neuroal.pruning import allocators, scores
-from neuroal.pruning.dsnot import dsnot_refine
+from neuroal.pruning import scores
 from neuroal.pruning.masks import nm_mask, per_row_mask, row_mask
 from neuroal.pruning.sparsegpt import sparsegpt_prune
-from neuroal.pruning.statistics import HESSIAN, MOMENTS, NORMS, InputStats
+from neuroal.pruning.statistics import HESSIAN, NORMS, InputStats
 
 Target = Union[float, torch.Tensor]  # one sparsity for the module, or one per output row
 Structure = Optional[tuple[int, int]]  # (n, m): prune n of every m consecutive inputs
@@ -36,13 +35,16 @@ class BaseMethod:
     name: str
     statistics: frozenset[str]
     prune: Callable[[torch.Tensor, Optional[InputStats], Target, Structure], tuple[torch.Tensor, torch.Tensor]]
+    # Score-based methods also expose ``score(weight, stats)``: masks at any sparsity then follow
+    # from the scores' ranks, which a search can sort once. None for solvers (SparseGPT).
+    score: Optional[Callable[[torch.Tensor, Optional[InputStats]], torch.Tensor]] = None
 
 
 def _score_based(name: str, score: Callable[[torch.Tensor, Optional[InputStats]], torch.Tensor], statistics) -> BaseMethod:
     def prune(weight, stats, target, structure):
         return weight, mask_for(score(weight, stats), target, structure)
 
-    return BaseMethod(name, frozenset(statistics), prune)
+    return BaseMethod(name, frozenset(statistics), prune, score)
 
 
 def _sparsegpt(weight, stats: InputStats, target: Target, structure: Structure):
@@ -63,59 +65,13 @@ BASE_METHODS = {
 }
 
 
-@dataclass(frozen=True)
-class TopUp:
-    """A sparsity allocator, plus an optional mask refinement applied after the base method.
-
-    ``allocate(context) -> Allocation``. ``refine(weight, mask, stats, structure) -> mask`` keeps
-    the number of pruned weights of every row, and is applied to the modules whose architecture
-    role is in ``refine_roles``. ``statistics``: input statistics the refinement reads.
-    ``reads_data``: the allocator runs the calibration data itself.
-    """
-
-    name: str
-    allocate: Callable[[allocators.AllocationContext], allocators.Allocation]
-    refine: Optional[Callable[[torch.Tensor, torch.Tensor, InputStats, Structure], torch.Tensor]] = None
-    refine_roles: tuple[str, ...] = ()
-    statistics: frozenset[str] = frozenset()
-    reads_data: bool = False
-
-
-def _dsnot_refine(weight, mask, stats: InputStats, structure: Structure):
-    return dsnot_refine(weight, mask, stats.moments, structure=structure)
-
-
-TOP_UPS = {
-    t.name: t
-    for t in (
-        TopUp("uniform", allocators.uniform),
-        TopUp("owl", allocators.owl, reads_data=True),
-        TopUp("alpha", allocators.alpha),
-        # The authors refine the attention projections only (their skip_layer="mlp").
-        TopUp("dsnot", allocators.uniform, _dsnot_refine, ("attn_in", "attn_out"), frozenset((MOMENTS,))),
-    )
-}
-TOP_UPS_PLANNED = ("neuroal",)
-
-
-def needs_calibration(method: BaseMethod, top_up_: TopUp) -> bool:
-    """Whether this combination reads calibration data at all (magnitude + uniform does not)."""
-    return bool(method.statistics or top_up_.statistics or top_up_.reads_data)
-
-
 def base_method(name: str) -> BaseMethod:
     """Look up a base method by name."""
-    return _lookup("method", name, BASE_METHODS, ())
+    return lookup("method", name, BASE_METHODS)
 
 
-def top_up(name: str) -> TopUp:
-    """Look up a top-up by name."""
-    return _lookup("top-up", name, TOP_UPS, TOP_UPS_PLANNED)
-
-
-def _lookup(kind: str, name: str, built: dict, planned: tuple):
-    if name in built:
-        return built[name]
-    if name in planned:
-        raise UserError(f"{kind} {name} is not built yet; available now: {', '.join(built)}")
-    raise UserError(f"unknown {kind} {name!r}; choose from {', '.join([*built, *planned])}")
+def lookup(kind: str, name: str, registry: dict):
+    """Find ``name`` in a registry, or say in one line what exists."""
+    if name in registry:
+        return registry[name]
+    raise UserError(f"unknown {kind} {name!r}; choose from {', '.join(registry)}")

@@ -10,7 +10,8 @@ from torch import nn
 
 from neuroal.models import architecture_of, prunable_linears
 from neuroal.pruning.allocators import Allocation
-from neuroal.pruning.methods import BaseMethod, Structure, TopUp
+from neuroal.pruning.methods import BaseMethod, Structure
+from neuroal.pruning.topups import TopUp
 from neuroal.pruning.sequential import layer_sequential
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,349 @@
+"""NeuroAl (Cunegatti, Custode, Iacca, TMLR 2025): search the block-wise and then the row-wise
+sparsity distribution whose sparse activations stay closest to the dense ones. The specification
+is ``NEUROAL.md``; this module is its math (pure functions) and its search loop.
+
+Speed, without changing what the reference chooses:
+- the search set's block inputs are captured once per search, not once per candidate;
+- reference mode reuses block 0's dense statistics (its inputs never change);
+- dense mode compares against the fully dense model's statistics, computed once per search, and
+  prunes candidates with those fixed scores, so each module's scores are ranked once;
+- a candidate stops as soon as its running score can no longer win (scores only grow);
+- the row candidate lambda = 0 repeats the block winner and is not evaluated again;
+- the ``coarse`` strategy tries every third grid point and refines around the best one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from neuroal.calibration import BlockInputs, capture_block_inputs, observe_inputs, onloaded
+from neuroal.models import Architecture, architecture_of, block_linears, decoder_blocks
+from neuroal.pruning.allocators import AllocationContext
+from neuroal.pruning.masks import mask_from_ranks, prune_counts, row_ranks
+from neuroal.pruning.methods import BaseMethod, Target
+from neuroal.pruning.statistics import NORMS, InputStats
+
+logger = logging.getLogger(__name__)
+
+BLOCK_LAMBDAS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.12, 0.15, 0.20, 0.25)
+ROW_LAMBDAS = (0.0, *BLOCK_LAMBDAS)
+CLIP = (0.01, 0.99)  # no module or row is left fully dense or fully pruned
+STEPS = ("block", "row", "both")
+MODES = ("reference", "dense")
+STRATEGIES = ("grid", "coarse")
+_COARSE_STRIDE = 3  # coarse strategy: every third grid point, then the skipped ones around the best
+
+
+def block_lambdas(sparsity: float) -> list[float]:
+    """Block-step candidates: the grid, without 0.25 at 80% sparsity and above (it would clip)."""
+    return [lam for lam in BLOCK_LAMBDAS if not (sparsity >= 0.8 and lam == 0.25)]
+
+
+def block_schedule(num_blocks: int, sparsity: float, lam: float) -> list[float]:
+    """Per-block sparsity: ``s - lambda`` for the first block to ``s + lambda`` for the last, linear."""
+    raw = torch.arange(1, num_blocks + 1, dtype=torch.float64)
+    density = _spread(raw, 1 - sparsity, lam).sort(descending=True).values
+    return [min(max(1 - d, CLIP[0]), CLIP[1]) for d in density.tolist()]
+
+
+def row_sparsities(vector: torch.Tensor, module_sparsity: float, lam: float) -> torch.Tensor:
+    """Per-row sparsity of a producer from its consumer's delta: a larger delta, a denser row."""
+    density = _spread(vector.double(), 1 - module_sparsity, lam)
+    return (1 - density).clamp(*CLIP)
+
+
+def _spread(values: torch.Tensor, mean_density: float, lam: float) -> torch.Tensor:
+    """Min-max normalise to ``[0, 2 lambda]`` and shift to ``mean_density``; constant -> flat."""
+    span = values.max() - values.min()
+    if span == 0:
+        return torch.full_like(values, mean_density)
+    scaled = (values - values.min()) / span * (2 * lam)
+    return scaled - scaled.mean() + mean_density
+
+
+def alignment_distance(a_dense: torch.Tensor, a_sparse: torch.Tensor) -> float:
+    """``|| a_dense/sum(a_dense) - a_sparse/sum(a_sparse) ||_2 / numel``: how far apart the two
+    activation-norm profiles are, whatever their scale."""
+    gap = a_dense.double() / a_dense.double().sum() - a_sparse.double() / a_sparse.double().sum()
+    return float(torch.linalg.vector_norm(gap) / a_dense.numel())
+
+
+@dataclass
+class NeuroalSearch:
+    """What the search chose, and the evidence.
+
+    ``*_scores`` map each evaluated candidate to its score; a candidate stopped early (its
+    running score already lost) is listed in ``*_stopped`` with the partial, lower-bound score.
+    """
+
+    block_lambda: float
+    row_lambda: float | None
+    block_scores: dict[float, float]
+    row_scores: dict[float, float]
+    block_sparsities: list[float]
+    allocation: dict[str, Target]
+    block_stopped: list[float] = field(default_factory=list)
+    row_stopped: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The JSON-ready summary for ``neuroal.json`` (per-row sparsities as lists)."""
+        return {
+            "block_lambda": self.block_lambda,
+            "row_lambda": self.row_lambda,
+            "block_scores": {str(k): v for k, v in self.block_scores.items()},
+            "row_scores": {str(k): v for k, v in self.row_scores.items()},
+            "block_stopped_early": self.block_stopped,
+            "row_stopped_early": self.row_stopped,
+            "block_sparsities": self.block_sparsities,
+            "row_sparsities": {
+                name: [round(x, 6) for x in t.tolist()] for name, t in self.allocation.items() if isinstance(t, torch.Tensor)
+            },
+            "gqa_rows": "k/v rows take the o_proj delta averaged over the query heads sharing each kv head",
+        }
+
+
+@torch.no_grad()
+def neuroal_search(
+    model: nn.Module,
+    method: BaseMethod,
+    sparsity: float,
+    search_ids: torch.Tensor,
+    device: torch.device,
+    *,
+    step: str = "both",
+    mode: str = "reference",
+    strategy: str = "grid",
+    batch_size: int = 8,
+) -> NeuroalSearch:
+    """Choose NeuroAl's block lambda (and row lambda) for ``method`` at ``sparsity``.
+
+    The model's weights are left as they were. The returned allocation (module full name ->
+    sparsity, or per-row sparsities) is for the final layer-sequential prune.
+    """
+    for value, allowed in ((step, STEPS), (mode, MODES), (strategy, STRATEGIES)):
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not one of {allowed}")
+    search = _Search(model, method, search_ids, device, batch_size, mode)
+    num_blocks = len(search.blocks)
+
+    def block_targets(lam):
+        return [{n: s for n in names} for s, names in zip(block_schedule(num_blocks, sparsity, lam), search.names)]
+
+    block = search.choose(block_lambdas(sparsity), block_targets, strategy, "block")
+    best_targets = block_targets(block.lam)
+    result = NeuroalSearch(block.lam, None, block.scores, {}, block_schedule(num_blocks, sparsity, block.lam),
+                           search.allocation(best_targets), block_stopped=block.stopped)
+    if step == "block" or method.score is None:  # no row step for SparseGPT (NEUROAL.md)
+        return result
+
+    vectors = [_producer_vectors(search, block.deltas, i) for i in range(num_blocks)]
+
+    def row_targets(lam):
+        # A missing, zero or constant vector keeps the module's own sparsity (and its row mask).
+        varies = [{n: v for n, v in block_vectors.items() if v.max() > v.min()} for block_vectors in vectors]
+        return [
+            {n: row_sparsities(varies[i][n], s, lam) if n in varies[i] and lam > 0 else s for n, s in targets.items()}
+            for i, targets in enumerate(best_targets)
+        ]
+
+    # lambda = 0 leaves every row at its module's sparsity: that is the block winner, already scored.
+    row = search.choose(ROW_LAMBDAS, row_targets, strategy, "row", known={0.0: block})
+    result.row_lambda, result.row_scores, result.row_stopped = row.lam, row.scores, row.stopped
+    result.allocation = search.allocation(row_targets(row.lam))
+    return result
+
+
+def neuroal_allocate(ctx: AllocationContext) -> dict[str, Target]:
+    """The NeuroAl top-up as an allocator: search on ``ctx.search_ids`` with ``ctx.method``."""
+    options = {"step": "both", "mode": "reference", "strategy": "grid", **ctx.options}
+    result = neuroal_search(ctx.model, ctx.method, ctx.sparsity, ctx.search_ids, ctx.device,
+                            batch_size=ctx.batch_size, **options)
+    ctx.details["neuroal"] = {**options, **result.to_dict()}
+    return result.allocation
+
+
+@dataclass
+class _Outcome:
+    lam: float
+    score: float
+    deltas: list[dict[str, torch.Tensor]]
+    scores: dict[float, float] = field(default_factory=dict)
+    stopped: list[float] = field(default_factory=list)
+
+
+class _Search:
+    """The scoring pass of NeuroAl over the search set, with what can be reused across candidates."""
+
+    def __init__(self, model, method: BaseMethod, search_ids, device, batch_size: int, mode: str):
+        self.model, self.method, self.device, self.mode = model, method, device, mode
+        self.arch: Architecture = architecture_of(model)
+        self.blocks = decoder_blocks(model, self.arch)
+        self.names = [list(block_linears(b)) for b in self.blocks]
+        self.kinds = frozenset((NORMS,)) | method.statistics
+        self.inputs = capture_block_inputs(model, self.blocks, search_ids, device, batch_size)
+        self.reference_stats: dict[int, dict[str, InputStats]] = {}  # block 0 in reference mode
+        self.dense_stats: list[dict[str, InputStats]] = []
+        self.ranks: dict[tuple[int, str], torch.Tensor] = {}  # dense mode: fixed scores, ranked once
+        if mode == "dense":
+            self._dense_pass()
+
+    def choose(self, lambdas, targets_for, strategy: str, what: str, known: dict | None = None) -> _Outcome:
+        """Score candidates (all, or coarse then fine) and return the lowest; ties -> first listed."""
+        order = _coarse_first(lambdas) if strategy == "coarse" else list(lambdas)
+        coarse = set(order[: len(_coarse_points(lambdas))]) if strategy == "coarse" else set(order)
+        best: _Outcome | None = None
+        scores: dict[float, float] = {}
+        stopped: list[float] = []
+        for lam in tqdm(order, desc=f"neuroal {what}", leave=False):
+            if lam not in coarse and abs(_rank(lam, lambdas) - _rank(best.lam, lambdas)) >= _COARSE_STRIDE:
+                continue  # coarse strategy: only the skipped points next to the best coarse one
+            if known and lam in known:
+                outcome = _Outcome(lam, known[lam].score, known[lam].deltas)
+            else:
+                bound = (best.score, _rank(best.lam, lambdas) < _rank(lam, lambdas)) if best else None
+                partial, deltas, complete = self.score(targets_for(lam), bound)
+                if not complete:
+                    scores[lam] = partial
+                    stopped.append(lam)
+                    continue
+                outcome = _Outcome(lam, partial, deltas)
+            scores[lam] = outcome.score
+            if best is None or _better(outcome, best, lambdas):
+                best = outcome
+        logger.info("neuroal %s lambda %.2f (score %.6g; %d candidates, %d stopped early)",
+                    what, best.lam, best.score, len(scores), len(stopped))
+        best.scores = {lam: scores[lam] for lam in lambdas if lam in scores}
+        best.stopped = stopped
+        return best
+
+    def score(self, targets: list[dict[str, Target]], bound) -> tuple[float, list, bool]:
+        """One layer-sequential pass: sum of alignment distances, deltas, and whether it finished.
+
+        ``bound = (best score, best is listed earlier)``: stop once this candidate cannot win.
+        """
+        inputs: BlockInputs = self.inputs
+        total, deltas = 0.0, []
+        for index, block in enumerate(self.blocks):
+            with onloaded(block, self.device):
+                linears = block_linears(block)
+                dense = self._dense_block_stats(index, block, linears, inputs)
+                saved = {n: lin.weight.detach().clone() for n, lin in linears.items()}
+                for name, lin in linears.items():
+                    weight, mask = self._prune_weight(index, name, lin.weight, dense[name], targets[index][name])
+                    lin.weight.copy_(weight.masked_fill(mask, 0))
+                sparse = {n: InputStats(frozenset((NORMS,))) for n in linears}
+                inputs = observe_inputs(block, linears, inputs, lambda n, x: sparse[n].add(x))
+                for name, lin in linears.items():
+                    lin.weight.copy_(saved[name])
+            block_deltas = {}
+            for name in linears:
+                a_dense, a_sparse = dense[name].norms(), sparse[name].norms()
+                total += alignment_distance(a_dense, a_sparse)
+                block_deltas[name] = (a_dense - a_sparse).cpu()
+            deltas.append(block_deltas)
+            if bound is not None and (total > bound[0] or (total == bound[0] and bound[1])):
+                return total, deltas, False
+        return total, deltas, True
+
+    def allocation(self, targets: list[dict[str, Target]]) -> dict[str, Target]:
+        """Block-relative targets -> the allocation by full module name."""
+        return {f"{self.arch.blocks}.{i}.{n}": t for i, block in enumerate(targets) for n, t in block.items()}
+
+    def _dense_block_stats(self, index, block, linears, inputs) -> dict[str, InputStats]:
+        """a_dense: the fully dense model's (dense mode) or this block's on the sparse inputs."""
+        if self.mode == "dense":
+            return self.dense_stats[index]
+        if index == 0 and 0 in self.reference_stats:  # block 0 always sees the same inputs
+            return self.reference_stats[0]
+        stats = {n: InputStats(self.kinds) for n in linears}
+        observe_inputs(block, linears, inputs, lambda n, x: stats[n].add(x))
+        if index == 0:
+            self.reference_stats[0] = stats
+        return stats
+
+    def _prune_weight(self, index, name, weight, stats, target):
+        if self.mode == "dense" and self.method.score is not None:
+            key = (index, name)
+            if key not in self.ranks:
+                self.ranks[key] = row_ranks(self.method.score(weight, stats))
+            ranks = self.ranks[key]
+            return weight, mask_from_ranks(ranks, prune_counts(ranks.shape, target, ranks.device))
+        return self.method.prune(weight, stats, target, None)
+
+    def _dense_pass(self) -> None:
+        """Statistics of the fully dense model on the search set, block by block, kept for reuse."""
+        inputs = self.inputs
+        for block in tqdm(self.blocks, desc="neuroal dense", leave=False):
+            with onloaded(block, self.device):
+                linears = block_linears(block)
+                stats = {n: InputStats(self.kinds) for n in linears}
+                inputs = observe_inputs(block, linears, inputs, lambda n, x: stats[n].add(x))
+            self.dense_stats.append(stats)
+
+
+def _producer_vectors(search: _Search, deltas: list[dict[str, torch.Tensor]], index: int) -> dict[str, torch.Tensor]:
+    """Each producer module's per-row vector: the delta of the module that reads its output rows,
+    fitted to the producer's rows.
+
+    The mapping is by architecture role (NEUROAL.md, row step). The MLP output takes the next
+    block's attention-input delta; the last block's keeps its block sparsity.
+    """
+    arch = search.arch
+    block = deltas[index]
+    consumer_of = {}
+    for producers, consumer in ((arch.attn_in, arch.attn_out), (arch.attn_out, arch.mlp_in), (arch.mlp_in, arch.mlp_out)):
+        if consumer and consumer[0] in block:
+            consumer_of.update({name: block[consumer[0]] for name in producers})
+    if index + 1 < len(deltas) and arch.attn_in:
+        consumer_of.update({name: deltas[index + 1][arch.attn_in[0]] for name in arch.mlp_out})
+    linears = block_linears(search.blocks[index])
+    return {
+        name: fit_rows(vector, linears[name].out_features, search.model.config, arch.qkv_layout)
+        for name, vector in consumer_of.items()
+    }
+
+
+def fit_rows(vector: torch.Tensor, rows: int, config, qkv_layout: str = "concat") -> torch.Tensor:
+    """Shape a consumer's delta to a producer's rows: as is, folded over grouped query heads (k, v
+    under grouped-query attention), or repeated for fused projections (qkv, gate_up)."""
+    if rows == vector.numel():
+        return vector
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = vector.numel() // heads
+    folded = vector.reshape(kv_heads, heads // kv_heads, head_dim).mean(dim=1).flatten()
+    if rows == folded.numel():
+        return folded
+    if rows == vector.numel() + 2 * folded.numel():  # fused q, k, v
+        if qkv_layout == "per_head":
+            return vector.reshape(heads, 1, head_dim).expand(heads, 3, head_dim).flatten()
+        return torch.cat([vector, folded, folded])
+    if rows == 2 * vector.numel():  # fused gate and up
+        return torch.cat([vector, vector])
+    raise ValueError(f"cannot map a delta of {vector.numel()} entries onto {rows} rows")
+
+
+def _coarse_points(lambdas) -> list[float]:
+    """Every third candidate, and the last one."""
+    lambdas = list(lambdas)
+    return lambdas[::_COARSE_STRIDE] + ([lambdas[-1]] if (len(lambdas) - 1) % _COARSE_STRIDE else [])
+
+
+def _coarse_first(lambdas) -> list[float]:
+    """The coarse points, then the rest in list order."""
+    coarse = _coarse_points(lambdas)
+    return coarse + [lam for lam in lambdas if lam not in coarse]
+
+
+def _rank(lam, lambdas) -> int:
+    return list(lambdas).index(lam)
+
+
+def _better(a: _Outcome, b: _Outcome, lambdas) -> bool:
+    return a.score < b.score or (a.score == b.score and _rank(a.lam, lambdas) < _rank(b.lam, lambdas))
