@@ -1,7 +1,10 @@
 """Where neuroal keeps derived files that are expensive to rebuild."""
 
+import importlib.util
 import os
 from pathlib import Path
+
+from neuroal.errors import UserError
 
 
 def cache_dir(*parts: str) -> Path:
@@ -13,4 +16,19 @@ def cache_dir(*parts: str) -> Path:
     root = Path(os.environ.get("NEUROAL_CACHE") or Path.home() / ".cache" / "neuroal")
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_file(package: str, relative: str, needed_by: str, install: str) -> Path:
+    """Locate a data file shipped inside an installed package, without importing the package
+    (importing can be slow or pull in dependencies that were deliberately not installed).
+
+    Raises ``UserError`` naming ``needed_by`` and the ``install`` command when it is missing.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"{needed_by} needs the package {package}: {install}")
+    path = Path(spec.submodule_search_locations[0]) / relative
+    if not path.is_file():
+        raise UserError(f"{needed_by}: {path} is missing; reinstall with {install}")
     return path

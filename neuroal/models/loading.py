@@ -7,7 +7,6 @@ parsing takes ~20 s and the converted folder loads in under a second.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from safetensors import SafetensorError
 
 from neuroal.digests import file_digest, weight_files, weights_digest
 from neuroal.errors import UserError
-from neuroal.paths import cache_dir
+from neuroal.paths import cache_dir, package_file
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +119,8 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, trust_re
 
 
 def _alias_gguf(alias: str) -> Path:
-    package, filename, hint = ALIASES[alias]
-    spec = importlib.util.find_spec(package)  # locate only: importing may pull other packages
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"model alias {alias} needs the package {package}: {hint}")
-    path = Path(spec.submodule_search_locations[0]) / filename
-    if not path.is_file():
-        raise UserError(f"model alias {alias}: {path} is missing; reinstall with {hint}")
-    return path
+    package, filename, install = ALIASES[alias]
+    return package_file(package, filename, f"model alias {alias}", install)
 
 
 def _gguf_source(spec: str, kind: str, gguf: Path) -> ModelSource:

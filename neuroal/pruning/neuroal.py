@@ -144,16 +144,21 @@ def neuroal_search(
 
     vectors = [_producer_vectors(search, block.deltas, i) for i in range(num_blocks)]
 
+    shapes = [{n: tuple(lin.weight.shape) for n, lin in block_linears(b).items()} for b in search.blocks]
+
     def row_targets(lam):
-        # A missing, zero or constant vector keeps the module's own sparsity (and its row mask).
-        varies = [{n: v for n, v in block_vectors.items() if v.max() > v.min()} for block_vectors in vectors]
+        # The row step prunes every module with per-row masks (NEUROAL.md); a missing, zero or
+        # constant vector gives each row the module's own sparsity.
         return [
-            {n: row_sparsities(varies[i][n], s, lam) if n in varies[i] and lam > 0 else s for n, s in targets.items()}
+            {n: row_sparsities(vectors[i][n], s, lam) if n in vectors[i] else torch.full(shapes[i][n][:1], s, dtype=torch.float64)
+             for n, s in targets.items()}
             for i, targets in enumerate(best_targets)
         ]
 
-    # lambda = 0 leaves every row at its module's sparsity: that is the block winner, already scored.
-    row = search.choose(ROW_LAMBDAS, row_targets, strategy, "row", known={0.0: block})
+    # lambda = 0 puts every row at its module's sparsity: the block winner again, unless per-row
+    # rounding (keep floor((1 - s) * in)) prunes a different count than floor(s * in).
+    known = {0.0: block} if _same_counts(row_targets(0.0), best_targets, shapes) else None
+    row = search.choose(ROW_LAMBDAS, row_targets, strategy, "row", known=known)
     result.row_lambda, result.row_scores, result.row_stopped = row.lam, row.scores, row.stopped
     result.allocation = search.allocation(row_targets(row.lam))
     return result
@@ -166,6 +171,15 @@ def neuroal_allocate(ctx: AllocationContext) -> dict[str, Target]:
                             batch_size=ctx.batch_size, **options)
     ctx.details["neuroal"] = {**options, **result.to_dict()}
     return result.allocation
+
+
+def _same_counts(per_row: list[dict], per_module: list[dict], shapes: list[dict]) -> bool:
+    """Whether per-row targets prune exactly as many weights in every row as the module targets."""
+    return all(
+        torch.equal(prune_counts(shapes[i][n], t, t.device), prune_counts(shapes[i][n], per_module[i][n], t.device))
+        for i, block in enumerate(per_row)
+        for n, t in block.items()
+    )
 
 
 @dataclass

@@ -1,0 +1,94 @@
+"""NeuroAl beyond the reference parity (tests/test_neuroal_reference.py): fused projections, the
+dense mode and coarse strategy, early stopping, and what the CLI writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_family_configs
+from neuroal.cli import main
+from neuroal.models import prunable_linears
+from neuroal.pruning import base_method
+from neuroal.pruning.neuroal import fit_rows, neuroal_search
+
+CPU = torch.device("cpu")
+IDS = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+
+
+def tiny(family):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_family_configs()[family]).eval()
+
+
+def test_fit_rows_folds_and_repeats():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_attention_heads=4, num_key_value_heads=2, hidden_size=8)
+    delta = torch.arange(8.0)  # 4 heads x head_dim 2: heads (0,1) share kv head 0, (2,3) kv head 1
+    folded = torch.tensor([1.0, 2.0, 5.0, 6.0])
+    assert torch.equal(fit_rows(delta, 8, config), delta)
+    assert torch.equal(fit_rows(delta, 4, config), folded)
+    assert torch.equal(fit_rows(delta, 16, config), torch.cat([delta, folded, folded]))  # fused q, k, v
+    mha = LlamaConfig(num_attention_heads=4, num_key_value_heads=4, hidden_size=8)
+    per_head = fit_rows(delta, 24, mha, "per_head")  # GPT-NeoX: [q_h; k_h; v_h] per head
+    assert torch.equal(per_head[:6], torch.tensor([0.0, 1, 0, 1, 0, 1]))
+    with pytest.raises(ValueError):
+        fit_rows(delta, 7, config)
+
+
+@pytest.mark.parametrize("family", ["Phi3ForCausalLM", "GPTNeoXForCausalLM", "OPTForCausalLM", "PhiForCausalLM"])
+def test_row_vectors_fit_every_family(family):
+    model = tiny(family)
+    result = neuroal_search(model, base_method("wanda"), 0.6, IDS, CPU, mode="dense")
+    linears = prunable_linears(model)
+    assert result.row_lambda is not None
+    for name, target in result.allocation.items():
+        assert isinstance(target, torch.Tensor) and target.numel() == linears[name].out_features, name
+
+
+@pytest.mark.parametrize("mode", ["reference", "dense"])
+def test_coarse_strategy_evaluates_fewer_and_agrees_with_the_grid_scores(mode):
+    model = tiny("LlamaForCausalLM")
+    grid = neuroal_search(model, base_method("wanda"), 0.7, IDS, CPU, mode=mode, strategy="grid")
+    coarse = neuroal_search(model, base_method("wanda"), 0.7, IDS, CPU, mode=mode, strategy="coarse")
+    assert len(coarse.block_scores) < len(grid.block_scores)
+    complete = {k: v for k, v in coarse.block_scores.items() if k not in coarse.block_stopped}
+    for lam, score in complete.items():
+        assert score == pytest.approx(grid.block_scores[lam], rel=1e-9)
+    assert grid.block_scores[grid.block_lambda] == min(
+        v for k, v in grid.block_scores.items() if k not in grid.block_stopped
+    )
+
+
+def test_stopped_candidates_could_not_have_won():
+    """Early stopping: a stopped candidate's partial score already exceeds the winner's score."""
+    model = tiny("LlamaForCausalLM")
+    result = neuroal_search(model, base_method("magnitude"), 0.7, IDS, CPU, mode="dense")
+    for lam in result.block_stopped:
+        assert result.block_scores[lam] >= result.block_scores[result.block_lambda]
+
+
+def test_sparsegpt_runs_the_block_step_only():
+    result = neuroal_search(tiny("LlamaForCausalLM"), base_method("sparsegpt"), 0.5, IDS, CPU)
+    assert result.row_lambda is None and all(isinstance(t, float) for t in result.allocation.values())
+
+
+def test_cli_records_the_search_and_plots_it(tiny_llama, tmp_path):
+    out = tmp_path / "neuroal"
+    args = ["prune", "--model", str(tiny_llama), "--method", "wanda", "--top-up", "neuroal", "--sparsity", "0.7",
+            "--neuroal-mode", "dense", "--calib", "lee", "--nsamples", "4", "--search-nsamples", "2",
+            "--seqlen", "32", "--out", str(out)]
+    assert main(args) == 0
+    manifest = json.loads((out / "neuroal.json").read_text())
+    search = manifest["allocation"]["neuroal"]
+    assert manifest["mode"] == "dense" and search["mode"] == "dense"
+    assert manifest["lambdas"] == {"block": search["block_lambda"], "row": search["row_lambda"]}
+    assert str(search["block_lambda"]) in search["block_scores"] and len(search["block_sparsities"]) == 3
+    assert len(search["row_sparsities"]) == 3 * 7
+    assert (out / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert manifest["achieved_sparsity"] == pytest.approx(0.7, abs=0.02)
