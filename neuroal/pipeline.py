@@ -15,8 +15,8 @@ from neuroal.checkpoint import save_checkpoint
 from neuroal.config import PruneConfig
 from neuroal.data import CalibrationSpec, get_corpus, sample_calibration
 from neuroal.errors import UserError
-from neuroal.plots import ALLOCATION_PNG, plot_allocation
 from neuroal.models import load_model, prunable_linears, resolve_device, resolve_dtype, resolve_model
+from neuroal.plots import ALLOCATION_PNG, plot_allocation
 from neuroal.pruning import AllocationContext, base_method, needs_calibration, prune_model, sparsity_report, top_up
 from neuroal.pruning.masks import parse_structure
 
