@@ -4,8 +4,9 @@ prune, the chosen lambdas, and perplexities, for each mode and strategy, read si
     .venv/bin/python bench/neuroal.py --model smollm2-135m --method wanda --sparsities 0.5,0.6,0.7 \
         --modes reference,dense --strategies grid,coarse --nsamples 32 --search-nsamples 8 --seqlen 256
 
-Times are whole-process prune times in this process (load + calibration + allocate + prune);
-compare runs made under the same thread setting (`torch.get_num_threads()` is printed).
+Times are whole-process prune times in this process (load + calibration + allocate + prune), each
+cell with an empty dense-activation cache; compare runs made under the same thread setting
+(`torch.get_num_threads()` is printed).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +29,10 @@ from neuroal.pipeline import prune_in_memory  # noqa: E402
 
 
 def run_cell(config: PruneConfig, windows: dict[str, torch.Tensor]) -> dict:
-    start = time.perf_counter()
-    model, _, manifest = prune_in_memory(config)
-    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as cold:  # each cell pays its own dense pass, as a lone run would
+        start = time.perf_counter()
+        model, _, manifest = prune_in_memory(config, activation_cache=Path(cold))
+        seconds = time.perf_counter() - start
     device = torch.device(manifest["device"])
     ppl = {corpus: perplexity(model.to(device), w, device) for corpus, w in windows.items()}
     return {"seconds": seconds, "timings": manifest["timings"], "lambdas": manifest["lambdas"], "ppl": ppl,

@@ -60,7 +60,7 @@ def main() -> None:
                 print(f"  s={sparsity} {method:9s} {top_up:8s} ppl {ppl:10.2f}  achieved {manifest['achieved_sparsity']:.4f}"
                       f"  {seconds:6.1f} s", flush=True)
 
-    print(f"\n| sparsity | method | " + " | ".join(args.top_ups.split(",")) + " | prune s (uniform) |")
+    print("\n| sparsity | method | " + " | ".join(args.top_ups.split(",")) + " | prune s (uniform) |")
     print("|---|---|" + "---|" * (len(args.top_ups.split(",")) + 1))
     for sparsity in map(float, args.sparsities.split(",")):
         for method in args.methods.split(","):

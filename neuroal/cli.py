@@ -6,9 +6,11 @@ import argparse
 import json
 import logging
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from neuroal.errors import UserError
+from neuroal.files import write_json_atomic
 
 EXIT_USAGE = 2
 
@@ -27,10 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_prune(commands.add_parser("prune", help="prune one model and write a checkpoint folder"))
     _add_eval(commands.add_parser("eval", help="perplexity and zero-shot accuracy of a model"))
-    campaign = commands.add_parser("campaign", help="run the Prefect campaign over the params.yaml grid")
-    campaign.add_argument("--params", default="params.yaml", type=Path)
-    campaign.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    campaign.set_defaults(handler=_not_built("campaign", 6))
+    for command in entry_points(group="neuroal.commands"):  # the pipeline's `campaign` (flows/cli.py)
+        command.load()(commands)
     report = commands.add_parser("report", help="render the campaign's comparison tables and plots")
     report.add_argument("--experiment")
     report.add_argument("--out", type=Path)
@@ -50,7 +50,7 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neuroal-step", default=defaults["neuroal_step"].default, help="block, row or both")
     p.add_argument("--neuroal-mode", default=defaults["neuroal_mode"].default, help="reference or dense")
     p.add_argument("--neuroal-strategy", default=defaults["neuroal_strategy"].default,
-                   help="grid (every candidate) or coarse (every third, then around the best)")
+                   help="grid (every candidate) or coarse (coarse-to-fine walk over the grid)")
     p.add_argument("--calib", default=defaults["calib"].default, help="calibration corpus")
     for name in ("nsamples", "search_nsamples", "seqlen", "batch_size", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name].default)
@@ -63,13 +63,23 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
+    from neuroal.data import offline_corpus_names
+    from neuroal.evaluation.zeroshot import PAPER_TASKS
+
     p.add_argument("--model", required=True, help="model spec or pruned checkpoint folder")
-    p.add_argument("--ppl", help="corpora for perplexity, comma-separated")
-    p.add_argument("--tasks", help="zero-shot tasks, comma-separated, or none")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--out", type=Path)
-    p.set_defaults(handler=_not_built("eval", 5))
+    p.add_argument("--ppl", default=",".join(offline_corpus_names()),
+                   help="corpora for perplexity, comma-separated, or none (default: the offline corpora)")
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS),
+                   help="zero-shot tasks, comma-separated, or none (default: the paper's seven)")
+    p.add_argument("--limit", type=int, help="at most N perplexity windows and N documents per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seqlen", type=int, help="perplexity window in tokens (default 2048, or the model's context)")
+    p.add_argument("--online", action="store_true", help="lm-eval's hub tasks instead of the offline copies")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
+    p.add_argument("--out", type=Path, help="metrics JSON file to write")
+    p.set_defaults(handler=_eval)
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -82,6 +92,28 @@ def _prune(args: argparse.Namespace) -> int:
     summary = {k: manifest[k] for k in ("method", "top_up", "target_sparsity", "achieved_sparsity", "timings")}
     print(json.dumps({"out": str(args.out), **summary}, indent=1))
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from neuroal.evaluation.evaluate import EvalSpec, evaluate, metrics_table
+
+    spec = EvalSpec(
+        model=args.model, ppl=_names(args.ppl), tasks=_names(args.tasks), limit=args.limit,
+        batch_size=args.batch_size, seqlen=args.seqlen, device=args.device, dtype=args.dtype,
+        online=args.online, trust_remote_code=args.trust_remote_code,
+    )
+    metrics = evaluate(spec)
+    if args.out:
+        write_json_atomic(args.out, metrics)
+    print(metrics_table(metrics))
+    return 0
+
+
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated list; ``none`` or empty is the empty list."""
+    if value.strip().lower() in ("", "none"):
+        return ()
+    return tuple(name.strip() for name in value.split(",") if name.strip())
 
 
 def _not_built(command: str, issue: int):

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import itertools
+from pathlib import Path
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -44,3 +46,89 @@ def validated(cls: type[BaseModel], **values) -> BaseModel:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
         raise UserError(f"invalid {cls.__name__}: {problems}") from None
+
+
+# Campaign grid axes: in params.yaml each may be one value or a list; a cell takes one of each.
+GRID_AXES = ("model", "method", "top_up", "sparsity")
+
+
+class EvalConfig(BaseModel):
+    """How every model of a campaign is evaluated (``neuroal eval`` flags)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ppl: list[str] = ["wikipedia", "treebank", "lee"]
+    tasks: list[str] = []
+    limit: Optional[int] = Field(None, ge=1)
+    seqlen: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    online: bool = False
+
+
+class CampaignSettings(BaseModel):
+    """Where a campaign writes, how it runs its cells, and where results go."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    experiment: str = "neuroal"  # MLflow experiment
+    out: str = "runs/campaign"  # checkpoints, metrics, caches
+    executor: Literal["local", "pool"] = "local"  # pool: cells go to a Prefect work pool
+    deployment: str = "prune-cell/prune-cell"  # the deployment cells run on with executor: pool
+    baseline: bool = True  # evaluate each dense model too
+    dvc: bool = True  # track checkpoints with DVC
+    dvc_remote: Optional[str] = None  # a path or s3://bucket/prefix to push checkpoints to
+    artifact_location: Optional[str] = None  # artifact root of a new MLflow experiment (s3:// works)
+
+
+class CampaignConfig(BaseModel):
+    """``params.yaml``: the grid (``prune``, list-valued axes), evaluation and campaign settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prune: dict
+    eval: EvalConfig = EvalConfig()
+    campaign: CampaignSettings = CampaignSettings()
+
+    def cells(self) -> list[PruneConfig]:
+        """One ``PruneConfig`` per point of the grid, in params order (models outermost)."""
+        axes = [_as_list(self.prune.get(axis)) for axis in GRID_AXES]
+        shared = {k: v for k, v in self.prune.items() if k not in GRID_AXES}
+        return [
+            validated(PruneConfig, **shared, **dict(zip(GRID_AXES, point)))
+            for point in itertools.product(*axes)
+        ]
+
+    def models(self) -> list[str]:
+        return _as_list(self.prune.get("model"))
+
+
+def load_campaign(path: Path, **overrides) -> CampaignConfig:
+    """Read ``params.yaml`` and apply overrides given as dotted key paths (``prune.sparsity``).
+
+    Raises ``UserError`` with one line for a missing or malformed file, an unknown key, a bad
+    value, or an empty grid axis; every cell is validated here, before any work starts.
+    """
+    import yaml
+
+    try:
+        params = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise UserError(f"cannot read campaign parameters {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    for key_path, value in overrides.items():
+        if value is not None:
+            section, _, key = key_path.partition(".")
+            params.setdefault(section, {})[key] = value
+    config = validated(CampaignConfig, **params)
+    for axis in GRID_AXES:
+        if not _as_list(config.prune.get(axis)):
+            raise UserError(f"{path}: prune.{axis} needs at least one value")
+    config.cells()
+    return config
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

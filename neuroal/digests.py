@@ -31,3 +31,16 @@ def weights_digest(folder: Path) -> str:
 def json_digest(value) -> str:
     """sha256 hex digest of a JSON-serialisable value, independent of key order."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+
+def tensors_digest(tensors: dict) -> str:
+    """sha256 over named tensors (names, dtypes, shapes and bytes), in name order."""
+    import torch  # here, so that hashing files does not pay for importing torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import platform
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,73 +12,116 @@ import torch
 import neuroal
 from neuroal.checkpoint import save_checkpoint
 from neuroal.config import PruneConfig
-from neuroal.data import CalibrationSpec, get_corpus, sample_calibration
+from neuroal.data import CalibrationSet, CalibrationSpec, get_corpus, sample_calibration
 from neuroal.errors import UserError
-from neuroal.models import load_model, prunable_linears, resolve_device, resolve_dtype, resolve_model
+from neuroal.models import (
+    ModelSource,
+    context_length,
+    load_config,
+    load_model,
+    load_tokenizer,
+    prunable_linears,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
+from neuroal.paths import cache_dir
 from neuroal.plots import ALLOCATION_PNG, plot_allocation
 from neuroal.pruning import AllocationContext, base_method, needs_calibration, prune_model, sparsity_report, top_up
+from neuroal.pruning.allocators import Allocation
 from neuroal.pruning.masks import parse_structure
+from neuroal.pruning.methods import BaseMethod, Structure
+from neuroal.pruning.neuroal import cache_dense_statistics, dense_cache_file
+from neuroal.pruning.topups import TopUp
+from neuroal.timing import timed
 
 logger = logging.getLogger(__name__)
 
-# Config attributes that hold a model's context length, by family.
-_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+@dataclass(frozen=True)
+class Allocated:
+    """The output of the allocation stage: targets per module (or row), what the allocator found,
+    and how long it took. A campaign stores it between its allocation and prune tasks."""
+
+    allocation: Allocation
+    details: dict
+    seconds: float
 
 
-def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False) -> dict:
+def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False, *,
+                        calibration: CalibrationSet | None = None, allocated: Allocated | None = None,
+                        activation_cache: Path | None = None) -> dict:
     """Prune ``config.model`` as ``config`` says and write the checkpoint folder ``out``.
 
     Returns the manifest written to ``out/neuroal.json``. Bad input raises ``UserError`` before
-    anything is written.
+    anything is written. The keyword arguments hand in the results of earlier stages (see
+    ``prune_in_memory``).
     """
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists; choose another --out or pass --overwrite")
-    model, tokenizer, manifest = prune_in_memory(config)
+    model, tokenizer, manifest = prune_in_memory(config, calibration=calibration, allocated=allocated,
+                                                 activation_cache=activation_cache)
     plot = {ALLOCATION_PNG: lambda path: plot_allocation(manifest, path)}
     return save_checkpoint(model, tokenizer, manifest, out, overwrite=overwrite, extras=plot)
 
 
-def prune_in_memory(config: PruneConfig):
-    """Load and prune ``config.model``; returns ``(model, tokenizer, manifest)`` without saving."""
-    method, top = base_method(config.method), top_up(config.top_up)
-    structure = _check_structure(config)
-    reads_data = needs_calibration(method, top)
-    if reads_data:
-        get_corpus(config.calib)  # an unknown corpus fails before the model is loaded
-    if top.searches and config.search_nsamples > config.nsamples:
-        raise UserError(f"--search-nsamples {config.search_nsamples} exceeds --nsamples {config.nsamples}; "
-                        "the search set is the first windows of the calibration set")
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    torch.manual_seed(config.seed)
-    timings: dict[str, float] = {}
+def calibrate(config: PruneConfig) -> CalibrationSet | None:
+    """The calibration stage alone (tokenizer only); None when the cell reads no data."""
+    cell = _Cell.of(config)
+    if not cell.reads_data:
+        return None
+    _check_context(load_config(cell.source, config.trust_remote_code), config.seqlen)
+    return cell.calibrate(load_tokenizer(cell.source, config.trust_remote_code))
 
-    with _timed(timings, "load"):
-        source = resolve_model(config.model)
-        model, tokenizer = load_model(source, dtype, config.trust_remote_code)
-    calibration = None
-    if reads_data:
+
+def allocate(config: PruneConfig, calibration: CalibrationSet | None, activation_cache: Path | None = None) -> Allocated:
+    """The allocation stage alone: load the model and run the top-up's allocator."""
+    cell = _Cell.of(config)
+    model, _ = load_model(cell.source, cell.dtype, config.trust_remote_code)
+    return cell.allocate(model, calibration, activation_cache)
+
+
+def cache_dense_activations(config: PruneConfig, calibration: CalibrationSet, folder: Path) -> Path | None:
+    """The dense-activation stage: the fully dense model's statistics on the search set, kept in
+    ``folder`` for every dense-mode NeuroAl search on this model and search set. None when the
+    cell does not search in dense mode."""
+    cell = _Cell.of(config)
+    if not (cell.top.searches and config.neuroal_mode == "dense"):
+        return None
+    model, _ = load_model(cell.source, cell.dtype, config.trust_remote_code)
+    search_ids = calibration.search_set(config.search_nsamples)
+    cache = dense_cache_file(folder, cell.source.digest, cell.method, search_ids, model, cell.device)
+    return cache_dense_statistics(model, cell.method, search_ids, cell.device, cache, config.batch_size)
+
+
+def prune_in_memory(config: PruneConfig, *, calibration: CalibrationSet | None = None,
+                    allocated: Allocated | None = None, activation_cache: Path | None = None):
+    """Load and prune ``config.model``; returns ``(model, tokenizer, manifest)`` without saving.
+
+    ``calibration`` and ``allocated``, when given, are the results of the earlier stages for this
+    same config (``calibrate``, ``allocate``) and are used instead of being computed again.
+    ``activation_cache`` is the folder of dense-model statistics (default: the neuroal cache).
+    """
+    cell = _Cell.of(config)
+    timings: dict[str, float] = {}
+    with timed(timings, "load"):
+        model, tokenizer = load_model(cell.source, cell.dtype, config.trust_remote_code)
+    if cell.reads_data:
         _check_context(model.config, config.seqlen)
-        with _timed(timings, "calibration"):
-            calibration = sample_calibration(
-                tokenizer, CalibrationSpec(config.calib, config.nsamples, config.seqlen, config.seed)
-            )
+    if calibration is None and cell.reads_data:
+        with timed(timings, "calibration"):
+            calibration = cell.calibrate(tokenizer)
+    allocated = allocated or cell.allocate(model, calibration, activation_cache)
+    timings["allocate"] = allocated.seconds
     ids = calibration.input_ids if calibration else None
-    with _timed(timings, "allocate"):
-        context = AllocationContext(
-            model, prunable_linears(model), config.sparsity, ids, device, config.batch_size, method=method,
-            search_ids=calibration.search_set(config.search_nsamples) if top.searches else None,
-            options={"step": config.neuroal_step, "mode": config.neuroal_mode, "strategy": config.neuroal_strategy},
-        )
-        allocation = top.allocate(context)
-    with _timed(timings, "prune"):
-        prune_model(model, method, allocation, ids, device, config.batch_size, structure, top)
+    with timed(timings, "prune"):
+        prune_model(model, cell.method, allocated.allocation, ids, cell.device, config.batch_size, cell.structure, cell.top)
     report = sparsity_report(model)
     logger.info("pruned %s to %.4f sparsity (target %.4f)", config.model, report["achieved"], config.sparsity)
 
     manifest = {
-        "source": source.to_dict(),
+        "source": cell.source.to_dict(),
         "method": config.method,
         "top_up": config.top_up,
         "mode": config.neuroal_mode if config.top_up == "neuroal" else None,
@@ -87,17 +129,65 @@ def prune_in_memory(config: PruneConfig):
         "target_sparsity": config.sparsity,
         "achieved_sparsity": report["achieved"],
         "module_sparsity": report["modules"],
-        "lambdas": _lambdas(context.details),
-        "allocation": context.details,
+        "lambdas": _lambdas(allocated.details),
+        "allocation": allocated.details,
         "calibration": {**calibration.spec.to_dict(), "digest": calibration.digest} if calibration else None,
         "seed": config.seed,
         "config": config.model_dump(),
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(cell.device),
+        "dtype": str(cell.dtype).removeprefix("torch."),
         "versions": _versions(),
         "timings": timings,
     }
     return model, tokenizer, manifest
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """A validated config with what its stages share: method, top-up, device, dtype, source."""
+
+    config: PruneConfig
+    method: BaseMethod
+    top: TopUp
+    structure: Structure
+    reads_data: bool
+    device: torch.device
+    dtype: torch.dtype
+    source: ModelSource
+
+    @classmethod
+    def of(cls, config: PruneConfig) -> "_Cell":
+        """Check ``config`` (cheap checks first, then the model spec) and resolve it."""
+        method, top = base_method(config.method), top_up(config.top_up)
+        structure = _check_structure(config)
+        reads_data = needs_calibration(method, top)
+        if reads_data:
+            get_corpus(config.calib)  # an unknown corpus fails before the model is loaded
+        if top.searches and config.search_nsamples > config.nsamples:
+            raise UserError(f"--search-nsamples {config.search_nsamples} exceeds --nsamples {config.nsamples}; "
+                            "the search set is the first windows of the calibration set")
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        return cls(config, method, top, structure, reads_data, device, dtype, resolve_model(config.model))
+
+    def calibrate(self, tokenizer) -> CalibrationSet:
+        c = self.config
+        return sample_calibration(tokenizer, CalibrationSpec(c.calib, c.nsamples, c.seqlen, c.seed))
+
+    def allocate(self, model, calibration: CalibrationSet | None, activation_cache: Path | None) -> Allocated:
+        c = self.config
+        torch.manual_seed(c.seed)
+        timings: dict[str, float] = {}
+        with timed(timings, "allocate"):
+            context = AllocationContext(
+                model, prunable_linears(model), c.sparsity, calibration.input_ids if calibration else None,
+                self.device, c.batch_size, method=self.method,
+                search_ids=calibration.search_set(c.search_nsamples) if self.top.searches else None,
+                options={"step": c.neuroal_step, "mode": c.neuroal_mode, "strategy": c.neuroal_strategy},
+                cache_dir=activation_cache or cache_dir("activations"), model_digest=self.source.digest,
+            )
+            allocation = self.top.allocate(context)
+        return Allocated(allocation, context.details, timings["allocate"])
 
 
 def _lambdas(details: dict) -> dict | None:
@@ -120,19 +210,9 @@ def _check_structure(config: PruneConfig):
 
 
 def _check_context(model_config, seqlen: int) -> None:
-    for attr in _CONTEXT_ATTRS:
-        context = getattr(model_config, attr, None)
-        if isinstance(context, int) and seqlen > context:
-            raise UserError(f"seqlen {seqlen} is longer than the model's context of {context} tokens; lower --seqlen")
-
-
-@contextlib.contextmanager
-def _timed(timings: dict, stage: str):
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] = round(time.perf_counter() - start, 3)
+    context = context_length(model_config)
+    if context is not None and seqlen > context:
+        raise UserError(f"seqlen {seqlen} is longer than the model's context of {context} tokens; lower --seqlen")
 
 
 def _versions() -> dict:

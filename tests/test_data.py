@@ -98,20 +98,6 @@ def test_unknown_corpus_and_split_are_user_errors():
         load_documents("lee", "valid")
 
 
-def test_json_cache_round_trip_and_corruption(tmp_path, caplog):
-    path = tmp_path / "cache.json"
-    payload = [["Title", "Some text."], ["Other", "More text."]]
-    assert corpora._read_json_cache(path) is None
-    corpora._write_json_cache(path, payload)
-    assert corpora._read_json_cache(path) == payload
-    assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]  # no temporary file left behind
-    path.write_text(path.read_text()[:-10])  # truncated
-    assert corpora._read_json_cache(path) is None
-    corpora._write_json_cache(path, payload)
-    path.write_text(path.read_text().replace("Some text.", "Tampered."))  # valid JSON, bad checksum
-    assert corpora._read_json_cache(path) is None
-
-
 @pytest.mark.slow
 def test_wikipedia_parses_cold_and_rebuilds_a_corrupt_cache(tmp_path, monkeypatch):
     expected = load_documents("wikipedia", "train")

@@ -92,3 +92,51 @@ def test_cli_records_the_search_and_plots_it(tiny_llama, tmp_path):
     assert len(search["row_sparsities"]) == 3 * 7
     assert (out / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert manifest["achieved_sparsity"] == pytest.approx(0.7, abs=0.02)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_dense_statistics_are_cached_on_disk_and_verified(tmp_path, monkeypatch, caplog, method):
+    """The dense pass runs once per (model, search set); later searches read the file, and a
+    corrupted file is recomputed rather than trusted. All three choose the same allocation."""
+    from neuroal.pruning import neuroal as search_module
+
+    model, wanted = tiny("LlamaForCausalLM"), base_method(method)
+    cache = search_module.dense_cache_file(tmp_path, "model-digest", wanted, IDS, model, CPU)
+    first = neuroal_search(model, wanted, 0.6, IDS, CPU, mode="dense", dense_cache=cache)
+    assert cache.is_file()
+    assert search_module.dense_cache_file(tmp_path, "other-model", wanted, IDS, model, CPU) != cache
+    assert search_module.dense_cache_file(tmp_path, "model-digest", wanted, IDS[:2], model, CPU) != cache
+
+    real_pass = search_module._Search._dense_pass
+    calls = []
+    monkeypatch.setattr(search_module._Search, "_dense_pass", lambda self: calls.append(1) or real_pass(self))
+    cached = neuroal_search(model, wanted, 0.6, IDS, CPU, mode="dense", dense_cache=cache)
+    assert calls == [] and cached.to_dict() == first.to_dict()
+
+    data = bytearray(cache.read_bytes())
+    data[-3] ^= 0xFF  # corrupt one byte of the last tensor
+    cache.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        rebuilt = neuroal_search(model, wanted, 0.6, IDS, CPU, mode="dense", dense_cache=cache)
+    assert calls == [1] and "corrupt" in caplog.text and rebuilt.to_dict() == first.to_dict()
+    neuroal_search(model, wanted, 0.6, IDS, CPU, mode="dense", dense_cache=cache)
+    assert calls == [1]  # the rebuilt entry was written back
+
+
+@pytest.mark.parametrize("n", [14, 15])
+def test_coarse_walk_finds_the_minimum_of_any_single_minimum_curve(n):
+    from neuroal.pruning.neuroal import _coarse_walk
+
+    for minimum in range(n):
+        for curve in (lambda i: (i - minimum) ** 2, lambda i: abs(i - minimum) ** 0.5 + 0.01 * i):
+            walk, best = _coarse_walk(n), None
+            probed = [next(walk)]
+            while True:
+                index = probed[-1]
+                if best is None or curve(index) < curve(best):
+                    best = index
+                try:
+                    probed.append(walk.send(best))
+                except StopIteration:
+                    break
+            assert best == minimum and len(set(probed)) == len(probed) <= n // 2

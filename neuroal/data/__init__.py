@@ -1,6 +1,12 @@
 """Text corpora (a registry of named corpora with train/test splits) and calibration sampling."""
 
-from neuroal.data.calibration import CalibrationSet, CalibrationSpec, sample_calibration
+from neuroal.data.calibration import (
+    CalibrationSet,
+    CalibrationSpec,
+    load_calibration,
+    sample_calibration,
+    save_calibration,
+)
 from neuroal.data.corpora import (
     SPLITS,
     Corpus,
@@ -18,8 +24,10 @@ __all__ = [
     "Corpus",
     "corpus_names",
     "get_corpus",
+    "load_calibration",
     "load_documents",
     "load_text",
     "offline_corpus_names",
     "sample_calibration",
+    "save_calibration",
 ]

@@ -14,11 +14,13 @@ import json
 import logging
 import random
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from neuroal.data.corpora import get_corpus, load_documents
 from neuroal.errors import UserError
+from neuroal.files import read_tensors, write_tensors_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -145,3 +147,27 @@ def _no_long_document(tokens: _DocumentTokens, spec: CalibrationSpec) -> UserErr
         f"no {spec.corpus!r} train document is longer than --seqlen {spec.seqlen} tokens "
         f"(the longest has {longest}); use a smaller --seqlen or another corpus"
     )
+
+
+def save_calibration(calibration: CalibrationSet, path: Path) -> None:
+    """Write a calibration set to a safetensors file (atomically), its spec and digest as metadata."""
+    metadata = {"spec": json.dumps(calibration.spec.to_dict()), "digest": calibration.digest}
+    write_tensors_atomic(path, {"input_ids": calibration.input_ids.contiguous()}, metadata)
+
+
+def load_calibration(path: Path) -> CalibrationSet | None:
+    """A calibration set written by ``save_calibration``; None when absent, unreadable or its ids
+    no longer match the recorded digest (the caller draws it again)."""
+    loaded = read_tensors(path)
+    if loaded is None:
+        return None
+    tensors, metadata = loaded
+    try:
+        spec = CalibrationSpec(**json.loads(metadata["spec"]))
+        input_ids = tensors["input_ids"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if calibration_digest(input_ids, spec) != metadata.get("digest"):
+        logger.warning("calibration file %s does not match its digest; drawing it again", path)
+        return None
+    return CalibrationSet(spec, input_ids, metadata["digest"])

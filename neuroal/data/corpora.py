@@ -14,17 +14,14 @@ from __future__ import annotations
 import bz2
 import functools
 import hashlib
-import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuroal.digests import json_digest
 from neuroal.errors import UserError
+from neuroal.files import read_checked_json, write_checked_json
 from neuroal.paths import cache_dir, package_file
 
 logger = logging.getLogger(__name__)
@@ -162,10 +159,10 @@ def _wikipedia_articles() -> tuple[tuple[str, str], ...]:
     source = _package_file("gensim", f"{_GENSIM_DATA}/{_WIKI_FILE}", "wikipedia")
     stat = source.stat()
     cached = cache_dir("corpora") / f"wikipedia-{stat.st_size}-{stat.st_mtime_ns}-v{_WIKI_CACHE_VERSION}.json"
-    articles = _read_json_cache(cached)
+    articles = read_checked_json(cached)
     if articles is None:
         articles = _parse_wikipedia(source)
-        _write_json_cache(cached, articles)
+        write_checked_json(cached, articles)
     return tuple((title, text) for title, text in articles)
 
 
@@ -225,34 +222,6 @@ def _tidy_line(line: str) -> str:
     line = re.sub(r" ([.!?])(?=\s|$)", r"\1", line)
     line = re.sub(r"\( ", "(", line)
     return line.strip()
-
-
-def _read_json_cache(path: Path) -> list | None:
-    """Return the payload of a cache file, or None when it is absent, unreadable or corrupt."""
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        payload = record["payload"]
-        if record["sha256"] != json_digest(payload):
-            raise ValueError("checksum mismatch")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.warning("ignoring unreadable corpus cache %s (%s); rebuilding it", path, exc)
-        return None
-    return payload
-
-
-def _write_json_cache(path: Path, payload: list) -> None:
-    """Write a cache file atomically: a temporary file in the same folder, then a rename."""
-    record = {"sha256": json_digest(payload), "payload": payload}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Perplexity on the model in memory (zero-shot tasks through lm-eval arrive with issue 5)."""
+"""Perplexity and lm-eval zero-shot tasks on the model in memory.
+
+``evaluate`` (in ``neuroal.evaluation.evaluate``) runs both for ``neuroal eval``; it is not imported
+here because lm-eval takes seconds to import.
+"""
 
 from neuroal.evaluation.perplexity import perplexity, eval_windows
 

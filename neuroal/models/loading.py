@@ -34,6 +34,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # What transformers raises for a folder or file it cannot read as a model.
 _LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError)
 
+# Config attributes that hold a model's context length, by family.
+_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 # Hub files we need; weights are safetensors only (pickled .bin files can run code on load).
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
@@ -99,23 +101,55 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, trust_re
 
     Returns ``(model, tokenizer)`` with the model in eval mode and the KV cache off.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    folder = source.folder
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{source.spec} is not a model folder: it has no config.json")
+    folder = _check_folder(source)
     if not weight_files(folder):
         raise UserError(f"{source.spec} has no safetensors weights (pickled .bin weights are not loaded)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except _LOAD_ERRORS as exc:
         raise UserError(f"cannot load model {source.spec}: {_first_line(exc)}") from None
     model.eval()
     model.config.use_cache = False
-    return model, tokenizer
+    return model, load_tokenizer(source, trust_remote_code)
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    """The tokenizer of a resolved model (no weights are read)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(_check_folder(source), trust_remote_code=trust_remote_code)
+    except _LOAD_ERRORS as exc:
+        raise UserError(f"cannot load the tokenizer of {source.spec}: {_first_line(exc)}") from None
+
+
+def load_config(source: ModelSource, trust_remote_code: bool = False):
+    """The model config of a resolved model (no weights are read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(_check_folder(source), trust_remote_code=trust_remote_code)
+    except _LOAD_ERRORS as exc:
+        raise UserError(f"cannot read the config of {source.spec}: {_first_line(exc)}") from None
+
+
+def _check_folder(source: ModelSource) -> Path:
+    if not (source.folder / "config.json").is_file():
+        raise UserError(f"{source.spec} is not a model folder: it has no config.json")
+    return source.folder
+
+
+def context_length(model_config) -> int | None:
+    """The longest sequence the model accepts, from whichever attribute its family uses."""
+    for attr in _CONTEXT_ATTRS:
+        value = getattr(model_config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def _alias_gguf(alias: str) -> Path:

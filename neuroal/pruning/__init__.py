@@ -1,6 +1,6 @@
 """Scores, masks, base methods, sparsity allocators and the wiring that applies them."""
 
-from neuroal.pruning.allocators import AllocationContext
+from neuroal.pruning.allocators import AllocationContext, load_allocation, save_allocation
 from neuroal.pruning.methods import BASE_METHODS, base_method
 from neuroal.pruning.topups import TOP_UPS, needs_calibration, top_up
 from neuroal.pruning.prune import prune_model, sparsity_report
@@ -10,8 +10,10 @@ __all__ = [
     "TOP_UPS",
     "AllocationContext",
     "base_method",
+    "load_allocation",
     "needs_calibration",
     "prune_model",
+    "save_allocation",
     "sparsity_report",
     "top_up",
 ]

@@ -4,12 +4,16 @@ per-row sparsities. The math lives in ``owl.py`` and ``alpha.py``; this file fee
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Union
 
 import torch
 from torch import nn
 
+from neuroal.digests import tensors_digest
+from neuroal.files import read_tensors, write_tensors_atomic
 from neuroal.models import linears_by_block
 from neuroal.pruning.alpha import block_alpha, alpha_sparsities
 from neuroal.pruning.owl import outlier_ratio, owl_sparsities
@@ -37,6 +41,8 @@ class AllocationContext:
     method: object = None  # the base method (NeuroAl prunes with it while searching)
     search_ids: torch.Tensor | None = None  # NeuroAl's search set: the first calibration windows
     options: dict = field(default_factory=dict)  # top-up options, e.g. NeuroAl's step and mode
+    cache_dir: Path | None = None  # where dense-model statistics may be kept across runs
+    model_digest: str | None = None  # names those caches; no digest, no cache
     details: dict = field(default_factory=dict)
 
 
@@ -97,3 +103,25 @@ def expand_to_modules(
                 raise ValueError(f"module {name!r} appears in more than one block")
             allocation[name] = float(value)
     return allocation
+
+
+def save_allocation(path: Path, allocation: Allocation, details: dict) -> None:
+    """Write an allocation (and what the allocator found) to a safetensors file, atomically."""
+    tensors = {  # a module's single sparsity as a 0-d float64 tensor; per-row tensors as they are
+        name: target.detach().cpu().contiguous() if isinstance(target, torch.Tensor) else torch.tensor(float(target), dtype=torch.float64)
+        for name, target in allocation.items()
+    }
+    metadata = {"details": json.dumps(details), "digest": tensors_digest(tensors)}
+    write_tensors_atomic(path, tensors, metadata)
+
+
+def load_allocation(path: Path) -> tuple[Allocation, dict] | None:
+    """``(allocation, details)`` written by ``save_allocation``; None when absent or corrupt."""
+    loaded = read_tensors(path)
+    if loaded is None:
+        return None
+    tensors, metadata = loaded
+    if "details" not in metadata or tensors_digest(tensors) != metadata.get("digest"):
+        return None
+    allocation = {name: t.item() if t.dim() == 0 else t for name, t in tensors.items()}
+    return allocation, json.loads(metadata["details"])

@@ -5,29 +5,34 @@ is ``NEUROAL.md``; this module is its math (pure functions) and its search loop.
 Speed, without changing what the reference chooses:
 - the search set's block inputs are captured once per search, not once per candidate;
 - reference mode reuses block 0's dense statistics (its inputs never change);
-- dense mode compares against the fully dense model's statistics, computed once per search, and
-  prunes candidates with those fixed scores, so each module's scores are ranked once;
+- dense mode compares against the fully dense model's statistics, computed once per model and
+  search set (and kept on disk for every later sparsity, method and candidate), and prunes
+  candidates with those fixed scores, so each module's scores are ranked once;
 - a candidate stops as soon as its running score can no longer win (scores only grow);
 - the row candidate lambda = 0 repeats the block winner and is not evaluated again;
-- the ``coarse`` strategy tries every third grid point and refines around the best one.
+- the ``coarse`` strategy walks the grid coarse to fine instead of trying every point: it starts
+  in the middle, probes both sides at a stride of a quarter of the grid, moves to a better probe,
+  and halves the stride when neither side is better (a pattern search; it finds the grid's best
+  point when the score curve has a single minimum, and probes about half the points).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from neuroal.calibration import BlockInputs, capture_block_inputs, observe_inputs, onloaded
+from neuroal.digests import json_digest, tensors_digest
 from neuroal.models import Architecture, architecture_of, block_linears, decoder_blocks
 from neuroal.pruning.allocators import AllocationContext
 from neuroal.pruning.masks import mask_from_ranks, prune_counts, row_ranks
 from neuroal.pruning.methods import BaseMethod, Target
-from neuroal.pruning.statistics import NORMS, InputStats
+from neuroal.pruning.statistics import NORMS, InputStats, load_stats, save_stats
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,6 @@ CLIP = (0.01, 0.99)  # no module or row is left fully dense or fully pruned
 STEPS = ("block", "row", "both")
 MODES = ("reference", "dense")
 STRATEGIES = ("grid", "coarse")
-_COARSE_STRIDE = 3  # coarse strategy: every third grid point, then the skipped ones around the best
 
 
 def block_lambdas(sparsity: float) -> list[float]:
@@ -120,16 +124,19 @@ def neuroal_search(
     mode: str = "reference",
     strategy: str = "grid",
     batch_size: int = 8,
+    dense_cache: Path | None = None,
 ) -> NeuroalSearch:
     """Choose NeuroAl's block lambda (and row lambda) for ``method`` at ``sparsity``.
 
     The model's weights are left as they were. The returned allocation (module full name ->
-    sparsity, or per-row sparsities) is for the final layer-sequential prune.
+    sparsity, or per-row sparsities) is for the final layer-sequential prune. In dense mode,
+    ``dense_cache`` (see ``dense_cache_file``) keeps the dense model's statistics on disk for
+    every later search on the same model and search set.
     """
     for value, allowed in ((step, STEPS), (mode, MODES), (strategy, STRATEGIES)):
         if value not in allowed:
             raise ValueError(f"{value!r} is not one of {allowed}")
-    search = _Search(model, method, search_ids, device, batch_size, mode)
+    search = _Search(model, method, search_ids, device, batch_size, mode, dense_cache)
     num_blocks = len(search.blocks)
 
     def block_targets(lam):
@@ -167,10 +174,42 @@ def neuroal_search(
 def neuroal_allocate(ctx: AllocationContext) -> dict[str, Target]:
     """The NeuroAl top-up as an allocator: search on ``ctx.search_ids`` with ``ctx.method``."""
     options = {"step": "both", "mode": "reference", "strategy": "grid", **ctx.options}
+    cache = None
+    if options["mode"] == "dense" and ctx.cache_dir is not None and ctx.model_digest:
+        cache = dense_cache_file(ctx.cache_dir, ctx.model_digest, ctx.method, ctx.search_ids, ctx.model, ctx.device)
     result = neuroal_search(ctx.model, ctx.method, ctx.sparsity, ctx.search_ids, ctx.device,
-                            batch_size=ctx.batch_size, **options)
+                            batch_size=ctx.batch_size, dense_cache=cache, **options)
     ctx.details["neuroal"] = {**options, **result.to_dict()}
     return result.allocation
+
+
+@torch.no_grad()
+def cache_dense_statistics(model: nn.Module, method: BaseMethod, search_ids: torch.Tensor, device: torch.device,
+                           cache: Path, batch_size: int = 8) -> Path:
+    """Compute the dense model's statistics on a search set into ``cache`` (kept if valid), so
+    that every later dense-mode search on it reads them instead of running the dense pass."""
+    _Search(model, method, search_ids, device, batch_size, "dense", cache)
+    return cache
+
+
+def dense_cache_file(folder: Path, model_digest: str, method: BaseMethod, search_ids: torch.Tensor,
+                     model: nn.Module, device: torch.device) -> Path:
+    """Where the dense model's statistics on a search set live: named by everything they depend
+    on (model weights, search tokens, statistics kept, dtype, device type), so a different
+    input never reads a stale entry."""
+    key = json_digest({
+        "model": model_digest,
+        "search_ids": tensors_digest({"ids": search_ids}),
+        "kinds": sorted(_search_kinds(method)),
+        "dtype": str(next(model.parameters()).dtype),
+        "device": device.type,
+    })
+    return Path(folder) / f"dense-{key[:32]}.safetensors"
+
+
+def _search_kinds(method: BaseMethod) -> frozenset[str]:
+    """The statistics a search keeps: input norms for the distance, plus what the method scores with."""
+    return frozenset((NORMS,)) | method.statistics
 
 
 def _same_counts(per_row: list[dict], per_module: list[dict], shapes: list[dict]) -> bool:
@@ -194,42 +233,52 @@ class _Outcome:
 class _Search:
     """The scoring pass of NeuroAl over the search set, with what can be reused across candidates."""
 
-    def __init__(self, model, method: BaseMethod, search_ids, device, batch_size: int, mode: str):
+    def __init__(self, model, method: BaseMethod, search_ids, device, batch_size: int, mode: str,
+                 dense_cache: Path | None = None):
         self.model, self.method, self.device, self.mode = model, method, device, mode
         self.arch: Architecture = architecture_of(model)
         self.blocks = decoder_blocks(model, self.arch)
         self.names = [list(block_linears(b)) for b in self.blocks]
-        self.kinds = frozenset((NORMS,)) | method.statistics
+        self.kinds = _search_kinds(method)
         self.inputs = capture_block_inputs(model, self.blocks, search_ids, device, batch_size)
         self.reference_stats: dict[int, dict[str, InputStats]] = {}  # block 0 in reference mode
         self.dense_stats: list[dict[str, InputStats]] = []
         self.ranks: dict[tuple[int, str], torch.Tensor] = {}  # dense mode: fixed scores, ranked once
         if mode == "dense":
-            self._dense_pass()
+            cached = load_stats(dense_cache, self.kinds, device) if dense_cache else None
+            self.dense_stats = cached or self._dense_pass()
+            if dense_cache and cached is None:
+                save_stats(dense_cache, self.dense_stats)
 
     def choose(self, lambdas, targets_for, strategy: str, what: str, known: dict | None = None) -> _Outcome:
-        """Score candidates (all, or coarse then fine) and return the lowest; ties -> first listed."""
-        order = _coarse_first(lambdas) if strategy == "coarse" else list(lambdas)
-        coarse = set(order[: len(_coarse_points(lambdas))]) if strategy == "coarse" else set(order)
+        """Score candidates (every one, or a coarse-to-fine walk) and return the lowest; ties go to
+        the first listed."""
+        walk = _grid_walk(len(lambdas)) if strategy == "grid" else _coarse_walk(len(lambdas))
+        known = known or {}
         best: _Outcome | None = None
-        scores: dict[float, float] = {}
-        stopped: list[float] = []
-        for lam in tqdm(order, desc=f"neuroal {what}", leave=False):
-            if lam not in coarse and abs(_rank(lam, lambdas) - _rank(best.lam, lambdas)) >= _COARSE_STRIDE:
-                continue  # coarse strategy: only the skipped points next to the best coarse one
-            if known and lam in known:
-                outcome = _Outcome(lam, known[lam].score, known[lam].deltas)
-            else:
-                bound = (best.score, _rank(best.lam, lambdas) < _rank(lam, lambdas)) if best else None
-                partial, deltas, complete = self.score(targets_for(lam), bound)
-                if not complete:
-                    scores[lam] = partial
-                    stopped.append(lam)
-                    continue
-                outcome = _Outcome(lam, partial, deltas)
-            scores[lam] = outcome.score
+        for lam, outcome in known.items():  # already scored: a free bound for early stopping
             if best is None or _better(outcome, best, lambdas):
-                best = outcome
+                best = _Outcome(lam, outcome.score, outcome.deltas)
+        scores: dict[float, float] = {lam: outcome.score for lam, outcome in known.items()}
+        stopped: list[float] = []
+        progress = tqdm(total=len(lambdas), desc=f"neuroal {what}", leave=False)
+        index = next(walk)
+        while True:
+            lam = lambdas[index]
+            if lam not in scores:
+                bound = (best.score, _rank(best.lam, lambdas) < index) if best else None
+                score, deltas, complete = self.score(targets_for(lam), bound)
+                scores[lam] = score
+                if not complete:
+                    stopped.append(lam)
+                elif best is None or _better(_Outcome(lam, score, deltas), best, lambdas):
+                    best = _Outcome(lam, score, deltas)
+            progress.update()
+            try:
+                index = walk.send(_rank(best.lam, lambdas))
+            except StopIteration:
+                break
+        progress.close()
         logger.info("neuroal %s lambda %.2f (score %.6g; %d candidates, %d stopped early)",
                     what, best.lam, best.score, len(scores), len(stopped))
         best.scores = {lam: scores[lam] for lam in lambdas if lam in scores}
@@ -290,15 +339,16 @@ class _Search:
             return weight, mask_from_ranks(ranks, prune_counts(ranks.shape, target, ranks.device))
         return self.method.prune(weight, stats, target, None)
 
-    def _dense_pass(self) -> None:
-        """Statistics of the fully dense model on the search set, block by block, kept for reuse."""
-        inputs = self.inputs
+    def _dense_pass(self) -> list[dict[str, InputStats]]:
+        """Statistics of the fully dense model on the search set, block by block."""
+        inputs, dense_stats = self.inputs, []
         for block in tqdm(self.blocks, desc="neuroal dense", leave=False):
             with onloaded(block, self.device):
                 linears = block_linears(block)
                 stats = {n: InputStats(self.kinds) for n in linears}
                 inputs = observe_inputs(block, linears, inputs, lambda n, x: stats[n].add(x))
-            self.dense_stats.append(stats)
+            dense_stats.append(stats)
+        return dense_stats
 
 
 def _producer_vectors(search: _Search, deltas: list[dict[str, torch.Tensor]], index: int) -> dict[str, torch.Tensor]:
@@ -343,16 +393,31 @@ def fit_rows(vector: torch.Tensor, rows: int, config, qkv_layout: str = "concat"
     raise ValueError(f"cannot map a delta of {vector.numel()} entries onto {rows} rows")
 
 
-def _coarse_points(lambdas) -> list[float]:
-    """Every third candidate, and the last one."""
-    lambdas = list(lambdas)
-    return lambdas[::_COARSE_STRIDE] + ([lambdas[-1]] if (len(lambdas) - 1) % _COARSE_STRIDE else [])
+def _grid_walk(n: int):
+    """Every grid index in order (the exhaustive search); what the caller sends back is not needed."""
+    for index in range(n):
+        yield index
 
 
-def _coarse_first(lambdas) -> list[float]:
-    """The coarse points, then the rest in list order."""
-    coarse = _coarse_points(lambdas)
-    return coarse + [lam for lam in lambdas if lam not in coarse]
+def _coarse_walk(n: int):
+    """Grid indices for a pattern search; the caller sends back the best index after each one.
+
+    Start in the middle; probe the best point's two neighbours at ``stride`` (a power of two,
+    about a quarter of the grid); a better probe becomes the best and the stride stays, otherwise
+    the stride halves; stop after stride 1. Every index is probed at most once.
+    """
+    best = n // 2
+    tried = {best}
+    best = yield best
+    stride = 1 << max((n // 4).bit_length() - 1, 0)
+    while stride >= 1:
+        before = best
+        for probe in (before - stride, before + stride):
+            if 0 <= probe < n and probe not in tried:
+                tried.add(probe)
+                best = yield probe
+        if best == before:
+            stride //= 2
 
 
 def _rank(lam, lambdas) -> int:

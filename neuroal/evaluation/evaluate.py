@@ -1,0 +1,110 @@
+"""One evaluation end to end: load a model (or a pruned checkpoint), perplexity, zero-shot tasks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from neuroal.checkpoint import MANIFEST, read_manifest
+from neuroal.data import get_corpus
+from neuroal.errors import UserError
+from neuroal.evaluation.perplexity import eval_windows, perplexity
+from neuroal.evaluation.zeroshot import PAPER_TASKS, lm_eval_version, zero_shot
+from neuroal.models import context_length, load_model, resolve_device, resolve_dtype, resolve_model
+from neuroal.timing import timed
+
+logger = logging.getLogger(__name__)
+
+# The paper's perplexity context; the model's own where that is shorter.
+DEFAULT_SEQLEN = 2048
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What to evaluate and how.
+
+    Attributes:
+        model: A model spec or a pruned checkpoint folder.
+        ppl: Corpora for perplexity (empty: none).
+        tasks: Zero-shot tasks (empty: none).
+        limit: At most this many perplexity windows per corpus and documents per task (None: all).
+        batch_size: Windows or requests per forward pass.
+        seqlen: Perplexity window length (None: ``DEFAULT_SEQLEN`` capped at the model's context).
+        online: Use lm-eval's registered (hub) tasks instead of the offline copies.
+    """
+
+    model: str
+    ppl: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    batch_size: int = 8
+    seqlen: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    online: bool = False
+    trust_remote_code: bool = False
+
+
+def evaluate(spec: EvalSpec) -> dict:
+    """Evaluate ``spec.model``; returns the metrics record that ``neuroal eval`` writes.
+
+    A folder holding ``neuroal.json`` is a pruned checkpoint: its weights are verified against the
+    recorded digests first, and its manifest is returned with the metrics.
+    """
+    _check(spec)
+    device = resolve_device(spec.device)
+    source = resolve_model(spec.model)
+    manifest = read_manifest(source.folder) if (source.folder / MANIFEST).is_file() else None
+    timings: dict[str, float] = {}
+    with timed(timings, "load"):
+        model, tokenizer = load_model(source, resolve_dtype(spec.dtype, device), spec.trust_remote_code)
+        model.to(device)
+    seqlen = spec.seqlen or min(DEFAULT_SEQLEN, context_length(model.config) or DEFAULT_SEQLEN)
+
+    ppl = {}
+    for corpus in spec.ppl:
+        with timed(timings, f"ppl.{corpus}"):
+            windows = eval_windows(tokenizer, corpus, seqlen, spec.limit)
+            ppl[corpus] = perplexity(model, windows, device, spec.batch_size)
+        logger.info("perplexity on %s (%d x %d tokens): %.3f", corpus, windows.shape[0], seqlen, ppl[corpus])
+    tasks = {}
+    if spec.tasks:
+        with timed(timings, "tasks"):
+            tasks = zero_shot(model, tokenizer, spec.tasks, limit=spec.limit, batch_size=spec.batch_size,
+                              device=device, offline=not spec.online)
+    return {
+        "model": spec.model,
+        "source": source.to_dict(),
+        "ppl": ppl,
+        "tasks": tasks,
+        "limit": spec.limit,
+        "seqlen": seqlen,
+        "online": spec.online,
+        "device": str(device),
+        "lm_eval_version": lm_eval_version(),
+        "timings": timings,
+        "checkpoint": manifest,
+    }
+
+
+def metrics_table(metrics: dict) -> str:
+    """The metrics of ``evaluate`` as an aligned two-column table."""
+    rows = [(f"ppl {corpus}", f"{value:.3f}") for corpus, value in metrics["ppl"].items()]
+    for task, values in metrics["tasks"].items():
+        rows += [(f"{task} {name}", f"{value:.4f}") for name, value in values.items() if value is not None]
+    width = max((len(name) for name, _ in rows), default=0)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _check(spec: EvalSpec) -> None:
+    """Fail on bad input before the slow model load."""
+    for corpus in spec.ppl:
+        get_corpus(corpus)
+    unknown = [task for task in spec.tasks if task not in PAPER_TASKS]
+    if unknown and not spec.online:
+        raise UserError(f"unknown offline task {unknown[0]!r}; choose from {', '.join(PAPER_TASKS)} "
+                        "(or pass --online for any lm-eval task)")
+    for name in ("limit", "batch_size", "seqlen"):
+        value = getattr(spec, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
