@@ -66,6 +66,11 @@ def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False,
     return save_checkpoint(model, tokenizer, manifest, out, overwrite=overwrite, extras=plot)
 
 
+def reads_calibration(config: PruneConfig) -> bool:
+    """Whether the cell reads calibration data (magnitude with a data-free top-up does not)."""
+    return _Cell.of(config).reads_data
+
+
 def calibrate(config: PruneConfig) -> CalibrationSet | None:
     """The calibration stage alone (tokenizer only); None when the cell reads no data."""
     cell = _Cell.of(config)

@@ -1,0 +1,67 @@
+"""One cell of a campaign: calibration -> dense activations -> allocation -> prune -> evaluate ->
+version (DVC, pushed to the remote when one is set) -> track (MLflow). Also the deployment entry
+point of a Prefect work pool, so each step runs on the worker's machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from neuroal.config import CampaignSettings, EvalConfig, PruneConfig
+from tasks import cells
+from tasks.tracking import flatten, log_cell
+from tasks.versioning import dvc_push, dvc_track, git_revision
+
+
+def _run_name() -> str:
+    return "prune-" + cells.cell_name(PruneConfig(**_param("cell")))
+
+
+def _param(name: str):
+    value = flow_run.parameters[name]
+    return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+# persist_result: a campaign reads a cell's summary back from a work-pool worker's flow run.
+@flow(name="prune-cell", flow_run_name=_run_name, persist_result=True)
+def prune_cell(cell: PruneConfig, evaluation: EvalConfig, settings: CampaignSettings,
+               parent_run_id: str | None = None, root: str = ".") -> dict:
+    """Prune, evaluate, version and track one cell; returns its summary (paths, metrics, hashes).
+
+    Every stage is skipped when its stored output still matches its inputs, so a rerun of a
+    finished cell does no pruning work.
+    """
+    out, name = Path(settings.out), cells.cell_name(cell)
+    cache = out / "cache"
+    calibration = cells.prepare_calibration(cell, cache)
+    cells.cache_dense_activations(cell, calibration, cache)
+    allocation = cells.allocate(cell, calibration, cache)
+    checkpoint = cells.prune(cell, calibration, allocation, out / "checkpoints" / name)
+    metrics = cells.evaluate(checkpoint.path, evaluation, out / "metrics" / f"{name}.json", name, checkpoint.digest)
+    summary = {"name": name, "model": cell.model, "method": cell.method, "top_up": cell.top_up,
+               "sparsity": cell.sparsity, "checkpoint": checkpoint.path, "metrics": metrics,
+               "dvc_hash": dvc_track(Path(checkpoint.path), Path(root)) if settings.dvc else None}
+    if settings.dvc and settings.dvc_remote:  # from the machine that holds the checkpoint
+        dvc_push([Path(checkpoint.path)], Path(root), settings.dvc_remote)
+    if parent_run_id:
+        summary["mlflow_run_id"] = log_cell(
+            parent_run_id, name,
+            params=flatten({"prune": cell.model_dump(), "eval": evaluation.model_dump()}),
+            metrics=_cell_metrics(metrics),
+            artifacts=[str(Path(checkpoint.path) / p) for p in ("neuroal.json", "allocation.png")]
+            + [str(out / "metrics" / f"{name}.json")],
+            tags={"git_revision": git_revision(Path(root)) or "", "dvc_hash": summary["dvc_hash"] or "",
+                  "checkpoint": checkpoint.path, "kind": "cell"},
+            run_key=f"{name}:{checkpoint.digest}:{metrics['key']}",
+        )
+    return summary
+
+
+def _cell_metrics(metrics: dict) -> dict:
+    """What MLflow plots: perplexities, accuracies, achieved sparsity, lambdas, stage times."""
+    manifest = metrics.get("checkpoint") or {}
+    return {"ppl": metrics["ppl"], "tasks": metrics["tasks"],
+            "achieved_sparsity": manifest.get("achieved_sparsity"), "lambdas": manifest.get("lambdas") or {},
+            "time": {**manifest.get("timings", {}), **{f"eval.{k}": v for k, v in metrics["timings"].items()}}}

@@ -1,0 +1,122 @@
+"""Local servers for the tracking and versioning tests: an S3 (moto_server) and a Prefect test
+harness, each bound to 127.0.0.1 on a free port and stopped when the test module ends.
+
+Test modules import the fixtures they need (``from servers import fixture_moto_server``; the
+fixture is named ``moto_server``); this is a helper module, not a conftest, so only those modules
+start servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+# Fake credentials: moto accepts any, and real ones must never reach a test server.
+FAKE_AWS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+_STARTUP_S = 60  # moto imports all its services at start: seconds on a loaded 2-core machine
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (also the way to get a closed port)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = _STARTUP_S) -> None:
+    """Block until ``port`` accepts connections; fail early if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listened on {HOST}:{port} after {timeout} s")
+
+
+@pytest.fixture(scope="module", name="moto_server")
+def fixture_moto_server(tmp_path_factory) -> str:
+    """An S3 server (``moto_server``) for this module; yields its endpoint URL."""
+    binary = Path(sys.executable).with_name("moto_server")
+    binary = str(binary) if binary.exists() else shutil.which("moto_server")
+    if binary is None:
+        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    process = subprocess.Popen([binary, "-H", HOST, "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, process)
+        yield f"http://{HOST}:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(name="s3_env")
+def fixture_s3_env(moto_server, monkeypatch, tmp_path) -> str:
+    """Environment of a client of the moto server: fake credentials, its endpoint for boto3, DVC and
+    MLflow, and no AWS config files of the user's. Yields the endpoint URL."""
+    for name, value in FAKE_AWS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", moto_server)
+    return moto_server
+
+
+def s3_client(endpoint: str):
+    """A boto3 S3 client for ``endpoint`` with the fake credentials."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=FAKE_AWS["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=FAKE_AWS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=FAKE_AWS["AWS_SECRET_ACCESS_KEY"])
+
+
+def make_bucket(endpoint: str, bucket: str) -> None:
+    """Create ``bucket`` on the server (no error if it exists)."""
+    client = s3_client(endpoint)
+    if bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=bucket)
+
+
+def list_keys(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
+    """Every object key in ``bucket`` under ``prefix``."""
+    pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="module", name="prefect_harness")
+def fixture_prefect_harness(tmp_path_factory):
+    """A temporary Prefect server and database, with a temporary ``PREFECT_HOME``, for this module."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = str(tmp_path_factory.mktemp("prefect-home"))
+    # The server starts slowly on a loaded machine: allow two minutes.
+    with temporary_settings(updates={PREFECT_HOME: home}), prefect_test_harness(server_startup_timeout=120):
+        yield

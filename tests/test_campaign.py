@@ -1,0 +1,130 @@
+"""The campaign flow end to end on a tiny model: a 2x2 grid tracked in MLflow, checkpoints under
+DVC, reruns served from the on-disk caches, a deleted checkpoint rebuilt, retries and failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from neuroal.cli import main
+from servers import (  # noqa: F401 - the fixture_* are the fixtures prefect_harness, moto_server, s3_env
+    fixture_moto_server,
+    fixture_prefect_harness,
+    fixture_s3_env,
+    list_keys,
+    make_bucket,
+)
+from tasks.versioning import DVC_REMOTE, dvc_status_clean
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, tiny_llama):
+    """A git repository with params.yaml for a 2x2 grid, MLflow in a sqlite file inside it."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"],
+                   cwd=tmp_path, check=True)
+    params = {
+        "prune": {"model": [str(tiny_llama)], "method": ["magnitude", "wanda"], "top_up": ["uniform", "neuroal"],
+                  "sparsity": 0.5, "calib": "lee", "nsamples": 4, "search_nsamples": 2, "seqlen": 32,
+                  "neuroal_mode": "dense", "neuroal_strategy": "coarse"},
+        "eval": {"ppl": ["lee"], "tasks": [], "limit": 2, "seqlen": 32},
+        "campaign": {"experiment": "test", "out": "runs/campaign"},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())  # the project's stage
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def _count_prunes(monkeypatch) -> list:
+    import neuroal.pipeline
+
+    calls, real = [], neuroal.pipeline.prune_to_checkpoint
+    monkeypatch.setattr(neuroal.pipeline, "prune_to_checkpoint", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    return calls
+
+
+def test_campaign_tracks_versions_and_reuses(workspace, monkeypatch, capsys):
+    import mlflow
+
+    prunes = _count_prunes(monkeypatch)
+    assert main(["campaign"]) == 0
+    assert "| wanda | neuroal |" in capsys.readouterr().out  # the comparison table
+    assert len(prunes) == 4
+    results = json.loads((workspace / "runs/campaign/results.json").read_text())
+    assert len(results["cells"]) == 4 and results["failed"] == [] and len(results["baselines"]) == 1
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("test")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if r.info.run_id == results["mlflow_parent_run_id"]][0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 5  # four cells and the dense baseline
+    for cell in results["cells"]:
+        run = [r for r in children if r.info.run_name == cell["name"]][0]
+        assert run.data.params["prune.sparsity"] == "0.5" and run.data.params["prune.method"] == cell["method"]
+        assert "ppl.lee" in run.data.metrics and "achieved_sparsity" in run.data.metrics
+        assert run.data.tags["dvc_hash"] == cell["dvc_hash"] and run.data.tags["dvc_hash"].endswith(".dir")
+        assert run.data.tags["git_revision"]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"neuroal.json", "allocation.png"} <= artifacts
+        assert Path(cell["checkpoint"] + ".dvc").is_file()
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], capture_output=True, text=True,
+                            cwd=workspace)
+    assert status.returncode == 0 and json.loads(status.stdout) == {}  # checkpoints and the stage
+
+    # Rerun: everything is served from the caches; no cell is pruned again.
+    assert main(["campaign"]) == 0
+    assert len(prunes) == 4
+    # A deleted checkpoint is rebuilt, identical.
+    victim = Path(results["cells"][1]["checkpoint"])
+    before = (victim / "neuroal.json").read_text()
+    subprocess.run(["rm", "-rf", str(victim)], check=True)
+    assert main(["campaign"]) == 0
+    assert len(prunes) == 5 and json.loads((victim / "neuroal.json").read_text())["files"] == json.loads(before)["files"]
+
+
+def test_a_flaky_task_is_retried_and_a_failing_cell_fails_the_campaign_only(workspace, monkeypatch, capsys):
+    import neuroal.pipeline
+
+    real, failures = neuroal.pipeline.prune_to_checkpoint, {"flaky": 0}
+
+    def faulty(config, *args, **kwargs):
+        if config.method == "magnitude" and config.top_up == "uniform" and failures["flaky"] == 0:
+            failures["flaky"] += 1
+            raise OSError("transient: disk full")  # once: the retry succeeds
+        if config.method == "wanda" and config.top_up == "neuroal":
+            raise OSError("permanent fault")
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(neuroal.pipeline, "prune_to_checkpoint", faulty)
+    assert main(["campaign"]) == 1
+    assert "1 of 4 cells failed" in capsys.readouterr().err and failures["flaky"] == 1
+    results = json.loads((workspace / "runs/campaign/results.json").read_text())
+    assert results["failed"] == [n for n in results["failed"] if n.endswith("wanda-neuroal-s0.5")]
+    assert len(results["cells"]) == 3  # the finished cells are kept
+    assert all(Path(c["checkpoint"], "neuroal.json").is_file() for c in results["cells"])
+
+
+def test_checkpoints_and_artifacts_go_to_s3(workspace, s3_env):
+    import mlflow
+
+    make_bucket(s3_env, "neuroal")
+    assert main(["campaign", "--methods", "magnitude", "--top-ups", "uniform", "--experiment", "s3",
+                 "--dvc-remote", "s3://neuroal/dvc", "--artifact-location", "s3://neuroal/mlflow"]) == 0
+    results = json.loads((workspace / "runs/campaign/results.json").read_text())
+    (cell,) = results["cells"]
+    assert dvc_status_clean(workspace, [Path(cell["checkpoint"])], remote=DVC_REMOTE)  # everything pushed
+    assert any(key.startswith("dvc/files/md5/") for key in list_keys(s3_env, "neuroal", "dvc/"))
+    run = mlflow.MlflowClient().get_run(cell["mlflow_run_id"])
+    assert run.info.artifact_uri.startswith("s3://neuroal/mlflow/")
+    assert any(key.endswith("/neuroal.json") for key in list_keys(s3_env, "neuroal", "mlflow/"))
