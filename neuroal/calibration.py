@@ -41,6 +41,10 @@ class _Captured(Exception):
     """Raised by the capture hook to stop the forward pass at the first block."""
 
 
+class _Observed(Exception):
+    """Raised once every linear of a block has seen its input, when the outputs are not wanted."""
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, device: torch.device, batch_size: int
@@ -79,17 +83,35 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
 
 @torch.no_grad()
 def observe_inputs(
-    block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs, observe: Callable[[str, torch.Tensor], None]
-) -> BlockInputs:
+    block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs, observe: Callable[[str, torch.Tensor], None],
+    *, outputs: bool = True,
+) -> BlockInputs | None:
     """Run the block once, calling ``observe(name, x)`` with every batch of input each linear reads
-    (``x``: ``[batch, tokens, in_features]``); returns the block's outputs."""
+    (``x``: ``[batch, tokens, in_features]``); returns the block's outputs.
+
+    ``outputs=False``: only the inputs are wanted, so each batch stops as soon as every linear has
+    seen its input; the last projection (an MLP's down projection, a quarter of a block's work)
+    and the residual are never computed. Returns None.
+    """
+    seen: set[str] = set()
 
     def hook(name):
-        return lambda _module, args, _output: observe(name, args[0].detach())
+        def observe_input(_module, args):
+            observe(name, args[0].detach())
+            seen.add(name)
+            if not outputs and len(seen) == len(linears):
+                raise _Observed
+        return observe_input
 
-    handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
     try:
-        return run_block(block, inputs)
+        if outputs:
+            return run_block(block, inputs)
+        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            seen.clear()
+            with contextlib.suppress(_Observed):
+                block(hidden, *args, **kwargs)
+        return None
     finally:
         for h in handles:
             h.remove()

@@ -173,7 +173,7 @@ def neuroal_search(
 
 def neuroal_allocate(ctx: AllocationContext) -> dict[str, Target]:
     """The NeuroAl top-up as an allocator: search on ``ctx.search_ids`` with ``ctx.method``."""
-    options = {"step": "both", "mode": "reference", "strategy": "grid", **ctx.options}
+    options = {"step": "both", "mode": "reference", "strategy": "coarse", **ctx.options}
     cache = None
     if options["mode"] == "dense" and ctx.cache_dir is not None and ctx.model_digest:
         cache = dense_cache_file(ctx.cache_dir, ctx.model_digest, ctx.method, ctx.search_ids, ctx.model, ctx.device)
@@ -325,7 +325,7 @@ class _Search:
         if index == 0 and 0 in self.reference_stats:  # block 0 always sees the same inputs
             return self.reference_stats[0]
         stats = {n: InputStats(self.kinds) for n in linears}
-        observe_inputs(block, linears, inputs, lambda n, x: stats[n].add(x))
+        observe_inputs(block, linears, inputs, lambda n, x: stats[n].add(x), outputs=False)
         if index == 0:
             self.reference_stats[0] = stats
         return stats

@@ -52,7 +52,7 @@ def layer_sequential(
             stats: dict[str, InputStats] = {}
             if inputs is not None:
                 stats = {name: InputStats(kinds) for name in linears}
-                observe_inputs(block, linears, inputs, lambda name, x: stats[name].add(x))
+                observe_inputs(block, linears, inputs, lambda name, x: stats[name].add(x), outputs=False)
             yield BlockStep(index, f"{arch.blocks}.{index}", block, linears, stats)
             if inputs is not None and index + 1 < len(blocks):
                 inputs = run_block(block, inputs)
