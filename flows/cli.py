@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     for model in config.models():
         resolve_model(model)  # a missing model fails here, before anything is tracked or written
 
+    # Offline by design: a temporary Prefect server must not try to send usage telemetry.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.campaign import CampaignFailed, campaign
 
     try:

@@ -124,11 +124,14 @@ def _not_built(command: str, issue: int):
 
 
 def _quiet_libraries() -> None:
-    """Hide the per-file progress bars and notices of transformers; ours stay."""
+    """Hide the per-file progress bars and notices of transformers and the per-request logs of
+    HTTP clients (Prefect, MLflow); ours stay."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    for name in ("httpx", "httpcore", "urllib3", "botocore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
