@@ -1,0 +1,59 @@
+"""params.yaml: the grid, flag overrides under the same key paths, and bad input refused before
+any work starts (one line, exit code 2, nothing written)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from neuroal.cli import main
+from neuroal.config import load_campaign
+from neuroal.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_are_the_default_campaign():
+    config = load_campaign(REPO / "params.yaml")
+    cells = [(c.model, c.method, c.top_up, c.sparsity) for c in config.cells()]
+    assert cells == [("smollm2-135m", "wanda", top_up, s) for top_up in ("uniform", "owl", "neuroal") for s in (0.5, 0.7)]
+    assert {c.nsamples for c in config.cells()} == {32} and config.eval.tasks == ["arc_easy", "boolq"]
+
+
+def test_overrides_use_the_params_key_paths():
+    config = load_campaign(REPO / "params.yaml", **{"prune.top_up": ["uniform"], "prune.sparsity": [0.6],
+                                                     "eval.limit": 5, "campaign.executor": "pool"})
+    assert [(c.top_up, c.sparsity) for c in config.cells()] == [("uniform", 0.6)]
+    assert config.eval.limit == 5 and config.campaign.executor == "pool"
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [({"prune": {"model": "m", "method": "wanda", "top_up": "uniform", "sparsity": 0.5, "nsample": 4}}, "nsample"),
+     ({"prune": {"model": "m", "method": "wanda", "top_up": "uniform", "sparsity": [0.5, 1.5]}}, "sparsity"),
+     ({"prune": {"model": "m", "method": "pruneall", "top_up": "uniform", "sparsity": 0.5}}, "method: Input should be"),
+     ({"prune": {"model": "m", "method": [], "top_up": "uniform", "sparsity": 0.5}}, "prune.method"),
+     ({"prune": {"model": "m", "method": "wanda", "sparsity": 0.5}, "campaign": {"executer": "pool"}}, "executer")],
+    ids=["typo-in-prune", "sparsity-out-of-range", "unknown-method", "empty-axis", "typo-in-campaign"],
+)
+def test_bad_params_are_refused_with_the_key_named(tmp_path, params, needle):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError, match=needle):
+        load_campaign(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["--sparsities", "0.5,2"], "sparsity"), (["--sparsities", "half"], "--sparsities"),
+     (["--params", "missing.yaml"], "missing.yaml"), (["--models", "/nowhere/model"], "does not exist")],
+)
+def test_campaign_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, args, needle):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert main(["campaign", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no runs/, no mlflow.db
