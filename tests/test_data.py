@@ -24,6 +24,7 @@ from neuroal.data import (
 )
 from neuroal.data import calibration as calibration_module
 from neuroal.errors import UserError
+from neuroal.files import read_checked_json
 
 OFFLINE = ["wikipedia", "treebank", "lee"]
 ONLINE = ["wikitext2", "c4", "ptb"]
@@ -109,7 +110,7 @@ def test_wikipedia_parses_cold_and_rebuilds_a_corrupt_cache(tmp_path, monkeypatc
         cached.write_text("{not json")
         corpora._wikipedia_articles.cache_clear()
         assert load_documents("wikipedia", "train") == expected  # rebuilt
-        assert corpora._read_json_cache(cached) is not None
+        assert read_checked_json(cached) is not None  # and rewritten whole
     finally:
         corpora._wikipedia_articles.cache_clear()
 
