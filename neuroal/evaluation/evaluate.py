@@ -30,7 +30,9 @@ class EvalSpec:
         limit: At most this many perplexity windows per corpus and documents per task (None: all).
         batch_size: Windows or requests per forward pass.
         seqlen: Perplexity window length (None: ``DEFAULT_SEQLEN`` capped at the model's context).
+        device, dtype: As for ``neuroal prune`` (``auto``: the GPU if any; float32 on CPU).
         online: Use lm-eval's registered (hub) tasks instead of the offline copies.
+        trust_remote_code: Run code shipped with a hub model.
     """
 
     model: str
