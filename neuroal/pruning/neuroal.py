@@ -10,10 +10,11 @@ Speed, without changing what the reference chooses:
   candidates with those fixed scores, so each module's scores are ranked once;
 - a candidate stops as soon as its running score can no longer win (scores only grow);
 - the row candidate lambda = 0 repeats the block winner and is not evaluated again;
-- the ``coarse`` strategy walks the grid coarse to fine instead of trying every point: it starts
-  in the middle, probes both sides at a stride of a quarter of the grid, moves to a better probe,
-  and halves the stride when neither side is better (a pattern search; it finds the grid's best
-  point when the score curve has a single minimum, and probes about half the points).
+- the ``coarse`` strategy walks the grid coarse to fine instead of trying every point: a
+  golden-section search that brackets the minimum between the best point and its probed
+  neighbours (it finds the grid's best point when the score curve has a single minimum, in 5-6
+  probes of 14-15; on smollm2-135m with wanda it chose the exhaustive grid's lambdas at 70% and
+  those of the earlier pattern walk at 50 and 60%).
 """
 
 from __future__ import annotations
@@ -399,25 +400,33 @@ def _grid_walk(n: int):
         yield index
 
 
-def _coarse_walk(n: int):
-    """Grid indices for a pattern search; the caller sends back the best index after each one.
+_GOLDEN = (3 - 5 ** 0.5) / 2  # 0.382: where golden-section search places its next probe
 
-    Start in the middle; probe the best point's two neighbours at ``stride`` (a power of two,
-    about a quarter of the grid); a better probe becomes the best and the stride stays, otherwise
-    the stride halves; stop after stride 1. Every index is probed at most once.
+
+def _coarse_walk(n: int):
+    """Grid indices for a golden-section search; the caller sends back the best index after each.
+
+    The best point so far and its nearest probed neighbours (worse, on a single-minimum curve)
+    bracket the minimum; the next probe goes into the longer side of the bracket, 0.382 of the
+    way from the best point, and the search ends when both neighbours of the best point are
+    probed. On a single-minimum curve it returns the grid's minimum after about
+    log(n) / log(1.618) + 1 probes (5-6 of 14 here); every index is probed at most once.
     """
-    best = n // 2
-    tried = {best}
-    best = yield best
-    stride = 1 << max((n // 4).bit_length() - 1, 0)
-    while stride >= 1:
-        before = best
-        for probe in (before - stride, before + stride):
-            if 0 <= probe < n and probe not in tried:
-                tried.add(probe)
-                best = yield probe
-        if best == before:
-            stride //= 2
+    first = round((n - 1) * _GOLDEN)
+    tried = {first}
+    best = yield first
+    while True:
+        lo = max((i for i in tried if i < best), default=-1) + 1
+        hi = min((i for i in tried if i > best), default=n) - 1
+        left, right = best - lo, hi - best
+        if left == right == 0:
+            return
+        if right >= left:
+            probe = best + max(1, round((right + 1) * _GOLDEN))
+        else:
+            probe = best - max(1, round((left + 1) * _GOLDEN))
+        tried.add(probe)
+        best = yield probe
 
 
 def _rank(lam, lambdas) -> int:
