@@ -12,7 +12,7 @@ from conftest import tiny_family_configs
 from neuroal.cli import main
 from neuroal.models import prunable_linears
 from neuroal.pruning import base_method
-from neuroal.pruning.neuroal import fit_rows, neuroal_search
+from neuroal.pruning.neuroal import BLOCK_LAMBDAS, ROW_LAMBDAS, block_lambdas, fit_rows, neuroal_search
 
 CPU = torch.device("cpu")
 IDS = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -123,13 +123,14 @@ def test_dense_statistics_are_cached_on_disk_and_verified(tmp_path, monkeypatch,
     assert calls == [1]  # the rebuilt entry was written back
 
 
-@pytest.mark.parametrize("n", [14, 15])
-def test_coarse_walk_finds_the_minimum_of_any_single_minimum_curve(n):
+@pytest.mark.parametrize("values", [BLOCK_LAMBDAS, ROW_LAMBDAS, block_lambdas(0.8)])
+def test_coarse_walk_finds_the_minimum_of_any_single_minimum_curve(values):
     from neuroal.pruning.neuroal import _coarse_walk
 
+    n = len(values)
     for minimum in range(n):
-        for curve in (lambda i: (i - minimum) ** 2, lambda i: abs(i - minimum) ** 0.5 + 0.01 * i):
-            walk, best = _coarse_walk(n), None
+        for curve in (lambda i: (i - minimum) ** 2, lambda i: abs(values[i] - values[minimum]) ** 0.5 + 0.01 * i):
+            walk, best = _coarse_walk(list(values)), None
             probed = [next(walk)]
             while True:
                 index = probed[-1]
@@ -139,4 +140,4 @@ def test_coarse_walk_finds_the_minimum_of_any_single_minimum_curve(n):
                     probed.append(walk.send(best))
                 except StopIteration:
                     break
-            assert best == minimum and len(set(probed)) == len(probed) <= 6  # golden section: 5-6 of 14-15
+            assert best == minimum and len(set(probed)) == len(probed) <= 7

@@ -11,7 +11,7 @@ from neuroal.calibration import capture_block_inputs, run_block
 from neuroal.errors import UserError
 from neuroal.models import block_linears, decoder_blocks, load_model, prunable_linears, resolve_model
 from neuroal.pruning import base_method, prune_model, sparsity_report, top_up
-from neuroal.pruning.masks import per_row_mask, row_mask
+from neuroal.pruning.masks import lowest, mask_from_ranks, per_row_mask, row_mask, row_ranks
 from neuroal.pruning.scores import magnitude_score, wanda_score
 from neuroal.pruning.sequential import layer_sequential
 from neuroal.pruning.statistics import NORMS
@@ -42,6 +42,18 @@ def test_per_row_mask_keeps_floor_density_in_highest():
     rows = torch.tensor([0.1, 0.5, 0.55, 0.99])
     keep = [math.floor((1 - s) * 10) for s in rows.tolist()]
     assert torch.equal(per_row_mask(scores, rows), lowest_per_row(scores, [10 - k for k in keep]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_selection_masks_equal_stable_sort_masks(dtype):
+    # Coarse values force ties across every threshold; counts cover 0, full rows, one count for
+    # all rows (selection) and per-row counts (sort).
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randint(0, 7, (40, 33), generator=g).to(dtype)
+    for counts in ([13] * 40, torch.randint(0, 34, (40,), generator=g).tolist(), [0] * 40, [33] * 40):
+        expected = lowest_per_row(scores, counts)
+        assert torch.equal(lowest(scores, torch.tensor(counts)), expected)
+        assert torch.equal(mask_from_ranks(row_ranks(scores), torch.tensor(counts)), expected)
 
 
 def test_scores_match_formulas():

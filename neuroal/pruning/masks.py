@@ -3,8 +3,10 @@ weight to prune."""
 
 from __future__ import annotations
 
+import math
 import re
 
+import numpy as np
 import torch
 
 from neuroal.errors import UserError
@@ -24,22 +26,43 @@ def lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """True at the ``counts[r]`` lowest scores of each row r, ties to the lower column index (the
     mask a stable sort gives).
 
-    With one count for every row the threshold comes from selection (``topk``), several times
-    faster than sorting each row: the masks a search builds block after block, candidate after
-    candidate. Per-row counts sort (selection per row count is no faster there).
+    The threshold of each row is its ``counts[r]``-th smallest score, found by selection (one
+    count for all rows) or a values-only sort (per-row counts), not by ranking every entry: the
+    masks a search builds block after block, candidate after candidate.
     """
-    count = int(counts[0]) if counts.numel() else 0
-    if not bool((counts == count).all()):
-        return mask_from_ranks(row_ranks(scores), counts)
-    if count == 0:
+    counts = counts.to(scores.device)
+    if scores.numel() == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = torch.topk(scores, count, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+    threshold = _kth_smallest(scores, counts)
     mask = scores <= threshold
-    if bool((mask.sum(dim=1) == count).all()):
+    if torch.equal(mask.sum(dim=1), counts):
         return mask  # no tie straddles a threshold: the common case
     below, tied = scores < threshold, scores == threshold
-    wanted = count - below.sum(dim=1, keepdim=True)  # ties to prune, lowest index first
+    wanted = counts.unsqueeze(1) - below.sum(dim=1, keepdim=True)  # ties to prune, lowest index first
     return below | (tied & (tied.cumsum(dim=1) <= wanted))
+
+
+def _kth_smallest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``[rows, 1]``: the ``counts[r]``-th smallest score of each row r (-inf where it is 0).
+
+    On the CPU numpy selects and sorts (SIMD): 3x faster than ``torch.topk`` and 6x faster than
+    ``torch.sort`` on SmolLM2's matrices here.
+    """
+    one_count = bool((counts == counts[0]).all())
+    index = (counts - 1).clamp(min=0).unsqueeze(1)
+    if scores.device.type == "cpu":
+        values = scores.detach()
+        values = (values if values.dtype in (torch.float32, torch.float64) else values.float()).numpy()
+        if one_count:
+            k = int(index[0])
+            kth = torch.from_numpy(np.partition(values, k, axis=1)[:, k : k + 1])
+        else:
+            kth = torch.from_numpy(np.take_along_axis(np.sort(values, axis=1), index.numpy(), axis=1))
+    elif one_count:
+        kth = torch.topk(scores, int(index[0]) + 1, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+    else:
+        kth = torch.sort(scores, dim=1).values.gather(1, index)
+    return kth.to(scores.dtype).masked_fill(counts.unsqueeze(1) == 0, -math.inf)
 
 
 def row_ranks(scores: torch.Tensor) -> torch.Tensor:

@@ -254,7 +254,7 @@ class _Search:
     def choose(self, lambdas, targets_for, strategy: str, what: str, known: dict | None = None) -> _Outcome:
         """Score candidates (every one, or a coarse-to-fine walk) and return the lowest; ties go to
         the first listed."""
-        walk = _grid_walk(len(lambdas)) if strategy == "grid" else _coarse_walk(len(lambdas))
+        walk = _grid_walk(len(lambdas)) if strategy == "grid" else _coarse_walk(list(lambdas))
         known = known or {}
         best: _Outcome | None = None
         for lam, outcome in known.items():  # already scored: a free bound for early stopping
@@ -300,7 +300,9 @@ class _Search:
                 saved = {n: lin.weight.detach().clone() for n, lin in linears.items()}
                 for name, lin in linears.items():
                     weight, mask = self._prune_weight(index, name, lin.weight, dense[name], targets[index][name])
-                    lin.weight.copy_(weight.masked_fill(mask, 0))
+                    if weight is not lin.weight:  # SparseGPT also updates the weights it keeps
+                        lin.weight.copy_(weight)
+                    lin.weight.masked_fill_(mask, 0)
                 sparse = {n: InputStats(frozenset((NORMS,))) for n in linears}
                 inputs = observe_inputs(block, linears, inputs, lambda n, x: sparse[n].add(x))
                 for name, lin in linears.items():
@@ -403,30 +405,37 @@ def _grid_walk(n: int):
 _GOLDEN = (3 - 5 ** 0.5) / 2  # 0.382: where golden-section search places its next probe
 
 
-def _coarse_walk(n: int):
-    """Grid indices for a golden-section search; the caller sends back the best index after each.
+def _coarse_walk(values):
+    """Grid indices for a golden-section search over the lambda ``values``; the caller sends back
+    the best index after each.
 
     The best point so far and its nearest probed neighbours (worse, on a single-minimum curve)
-    bracket the minimum; the next probe goes into the longer side of the bracket, 0.382 of the
-    way from the best point, and the search ends when both neighbours of the best point are
-    probed. On a single-minimum curve it returns the grid's minimum after about
-    log(n) / log(1.618) + 1 probes (5-6 of 14 here); every index is probed at most once.
+    bracket the minimum; the next probe is the grid point nearest to 0.382 of the way from the
+    best point into the longer side of the bracket, and the search ends when both neighbours of
+    the best point are probed. Distances are in lambda, not grid steps: the grid is finer below
+    0.10, and the curve is smooth in lambda. On a single-minimum curve it returns the grid's
+    minimum after 4-6 probes of 14-15; every index is probed at most once.
     """
-    first = round((n - 1) * _GOLDEN)
+    first = _nearest(values, range(len(values)), values[0] + _GOLDEN * (values[-1] - values[0]))
     tried = {first}
     best = yield first
     while True:
         lo = max((i for i in tried if i < best), default=-1) + 1
-        hi = min((i for i in tried if i > best), default=n) - 1
-        left, right = best - lo, hi - best
+        hi = min((i for i in tried if i > best), default=len(values)) - 1
+        left, right = values[best] - values[lo], values[hi] - values[best]
         if left == right == 0:
             return
         if right >= left:
-            probe = best + max(1, round((right + 1) * _GOLDEN))
+            probe = _nearest(values, range(best + 1, hi + 1), values[best] + _GOLDEN * right)
         else:
-            probe = best - max(1, round((left + 1) * _GOLDEN))
+            probe = _nearest(values, range(lo, best), values[best] - _GOLDEN * left)
         tried.add(probe)
         best = yield probe
+
+
+def _nearest(values, indices, target: float) -> int:
+    """The index among ``indices`` whose value is nearest to ``target`` (the lower one on a tie)."""
+    return min(indices, key=lambda i: (abs(values[i] - target), i))
 
 
 def _rank(lam, lambdas) -> int:

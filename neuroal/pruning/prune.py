@@ -42,7 +42,9 @@ def prune_model(
             if name in refined:
                 base_mask, mask = mask, top_up.refine(original, mask, stats, structure)
                 weight = torch.where(base_mask & ~mask, original, weight)
-            linear.weight.copy_(weight.masked_fill(mask, 0))
+            if weight is not original:
+                linear.weight.copy_(weight)
+            linear.weight.masked_fill_(mask, 0)
 
 
 def _refined_modules(model: nn.Module, top_up: TopUp | None) -> set[str]:
