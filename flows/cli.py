@@ -1,5 +1,5 @@
-"""``neuroal campaign``: registered into the ``neuroal`` command through the ``neuroal.commands``
-entry point, so that the library never imports the orchestration."""
+"""``neuroal campaign`` and ``neuroal report``: registered into the ``neuroal`` command through the
+``neuroal.commands`` entry point, so that the library never imports the orchestration."""
 
 from __future__ import annotations
 
@@ -83,6 +83,40 @@ def run(args: argparse.Namespace) -> int:
     print(results["table"])
     print(f"results: {Path(config.campaign.out) / 'results.json'} ({results['seconds']:.0f} s)")
     return 0
+
+
+def add_report_command(commands) -> None:
+    """Add the ``report`` subcommand to the ``neuroal`` parser's subcommands."""
+    p = commands.add_parser("report", help="render the latest campaign's comparison tables and plots")
+    p.add_argument("--params", type=Path, help="where the defaults of --experiment and --out come from "
+                   "(default params.yaml when it exists)")
+    p.add_argument("--experiment", help="MLflow experiment (default: campaign.experiment of the params)")
+    p.add_argument("--out", type=Path, help="report folder (default: <campaign.out of the params>/report)")
+    p.set_defaults(handler=report)
+
+
+def report(args: argparse.Namespace) -> int:
+    """Write the report of the experiment's latest campaign and print where its HTML page is."""
+    from flows.report import write_report
+    from tasks.tracking import TrackingUnavailable
+
+    settings = _campaign_settings(args.params)
+    try:
+        page = write_report(args.experiment or settings.experiment, args.out or Path(settings.out) / "report")
+    except TrackingUnavailable as exc:  # not bad input (exit 2), but one line all the same
+        print(f"neuroal: {exc}", file=sys.stderr)
+        return 1
+    print(f"report: {page}")
+    return 0
+
+
+def _campaign_settings(params: Path | None):
+    """The ``campaign`` settings of ``params`` (or of ./params.yaml when it exists), else the defaults."""
+    from neuroal.config import CampaignSettings, load_campaign
+
+    if params is None and not Path("params.yaml").is_file():
+        return CampaignSettings()
+    return load_campaign(params or Path("params.yaml")).campaign
 
 
 def _is_declared_stage(params: Path) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from neuroal.digests import file_digest, weight_files
 from neuroal.errors import UserError
+from neuroal.files import replace_folder
 
 MANIFEST = "neuroal.json"
 
@@ -38,7 +39,7 @@ def save_checkpoint(model, tokenizer, manifest: dict, out: Path, overwrite: bool
         for name, write in (extras or {}).items():
             write(tmp / name)
         if out.exists():
-            _replace_folder(tmp, out)
+            replace_folder(tmp, out)
         else:
             os.replace(tmp, out)
     finally:
@@ -59,11 +60,3 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
             if not weights.is_file() or file_digest(weights) != digest:
                 raise UserError(f"checkpoint {folder} is corrupt: {name} does not match its recorded digest")
     return manifest
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Swap a finished folder in for an existing one; the old one is removed after the swap."""
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -29,12 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_prune(commands.add_parser("prune", help="prune one model and write a checkpoint folder"))
     _add_eval(commands.add_parser("eval", help="perplexity and zero-shot accuracy of a model"))
-    for command in entry_points(group="neuroal.commands"):  # the pipeline's `campaign` (flows/cli.py)
+    for command in entry_points(group="neuroal.commands"):  # the pipeline's `campaign`, `report` (flows/cli.py)
         command.load()(commands)
-    report = commands.add_parser("report", help="render the campaign's comparison tables and plots")
-    report.add_argument("--experiment")
-    report.add_argument("--out", type=Path)
-    report.set_defaults(handler=_not_built("report", 7))
     return parser
 
 
@@ -114,13 +110,6 @@ def _names(value: str) -> tuple[str, ...]:
     if value.strip().lower() in ("", "none"):
         return ()
     return tuple(name.strip() for name in value.split(",") if name.strip())
-
-
-def _not_built(command: str, issue: int):
-    def handler(_args):
-        raise UserError(f"neuroal {command} is not built yet (planned in issue {issue})")
-
-    return handler
 
 
 def _quiet_libraries() -> None:

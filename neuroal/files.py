@@ -9,7 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from neuroal.digests import json_digest
@@ -29,6 +33,32 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to fill; renamed into place (replacing ``out``) when the
+    block ends without an error, removed when it raises."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # not mkdtemp: its 0700 would stay on the folder after the rename; mkdir follows the umask
+    try:
+        yield tmp
+        if out.exists():
+            replace_folder(tmp, out)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Swap a finished folder in for an existing one; the old one is removed after the swap."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, payload) -> None:

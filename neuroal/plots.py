@@ -1,4 +1,5 @@
-"""Plots of a pruned checkpoint's allocation, written beside its ``neuroal.json``."""
+"""Plots of a pruned checkpoint's allocation (written beside its ``neuroal.json``) and the figures of
+the campaign report, from plain dicts."""
 
 from __future__ import annotations
 
@@ -46,3 +47,155 @@ def plot_allocation(manifest: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# Report figures: one model and base method each, from the report's cell dicts (see neuroal.report).
+_TOP_UP_COLOURS = {"uniform": "#6e7781", "owl": "#DD8452", "alpha": "#55A868", "dsnot": "#8172B3",
+                   "neuroal": "#4C72B0"}
+_OTHER_COLOURS = ["#C44E52", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
+
+
+def plot_perplexity_vs_sparsity(cells: list[dict], baselines: list[dict], corpora: list[str], path: Path,
+                                title: str) -> bool:
+    """Perplexity against target sparsity, one panel per corpus, a line per top-up, log y axis, the
+    dense model as a horizontal line. Failed cells are left out. Returns False (and writes nothing)
+    when no cell has a perplexity."""
+    done = [c for c in cells if c.get("metrics")]
+    corpora = [k for k in corpora if any(k in (c["metrics"].get("ppl") or {}) for c in done)]
+    if not corpora:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(corpora), figsize=(5.2 * len(corpora), 3.8), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora):
+        for top_up, mine in _by_top_up(done).items():
+            points = sorted((c["sparsity"], c["metrics"]["ppl"][corpus]) for c in mine if corpus in c["metrics"]["ppl"])
+            ax.plot(*zip(*points), marker="o", color=_colour(top_up, done), label=top_up)
+        for base in baselines:
+            dense = ((base.get("metrics") or {}).get("ppl") or {}).get(corpus)
+            if dense is not None:
+                ax.axhline(dense, color="black", lw=1, ls="--", label=f"dense ({dense:.1f})")
+        _log_axis(ax)
+        ax.margins(y=0.08)  # keeps the dense line off the frame
+        ax.set_xticks(sorted({c["sparsity"] for c in done}))
+        ax.xaxis.set_major_formatter(_percent_formatter())
+        ax.set(xlabel="target sparsity", ylabel=f"perplexity on {corpus} (log)", title=corpus)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path, title)
+
+
+def plot_block_sparsity_profiles(cells: list[dict], path: Path, title: str) -> bool:
+    """Achieved sparsity of each decoder block, one panel per target sparsity, a line per top-up.
+    Returns False (and writes nothing) when no cell has per-module sparsities."""
+    done = [c for c in cells if (c.get("manifest") or {}).get("module_sparsity")]
+    sparsities = sorted({c["sparsity"] for c in done})
+    if not sparsities:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(5.2 * len(sparsities), 3.6), squeeze=False)
+    for ax, sparsity in zip(axes[0], sparsities):
+        for top_up, mine in _by_top_up([c for c in done if c["sparsity"] == sparsity]).items():
+            profile = block_sparsity(mine[0]["manifest"]["module_sparsity"])
+            ax.plot(range(len(profile)), profile, marker=".", color=_colour(top_up, done), label=top_up, zorder=2)
+        ax.axhline(sparsity, color="black", lw=1, ls=":", zorder=1, label="target")  # under uniform's line
+        ax.set(xlabel="decoder block", ylabel="achieved sparsity", title=f"target {sparsity:.0%}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path, title)
+
+
+def plot_neuroal_candidates(cells: list[dict], path: Path, title: str) -> bool:
+    """NeuroAl's candidate scores against lambda: a row per target sparsity, the block and row
+    steps side by side, the chosen lambda starred. A candidate stopped early is hollow: its score
+    is the partial sum at which it had already lost (a lower bound). Returns False (and writes
+    nothing) when no cell holds a NeuroAl search."""
+    searches = sorted((c["sparsity"], s) for c in cells if (s := _neuroal_search(c)))
+    if not searches:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(searches), 2, figsize=(10.4, 3.2 * len(searches)), squeeze=False)
+    for row, (sparsity, search) in zip(axes, searches):
+        for ax, step in zip(row, ("block", "row")):
+            _plot_candidates(ax, search, step)
+            ax.set(xlabel=f"{step} lambda", ylabel="alignment score (lower is better)",
+                   title=f"{step} step, target {sparsity:.0%}")
+    return _save(fig, path, title)
+
+
+def _plot_candidates(ax, search: dict, step: str) -> None:
+    scores = sorted((float(k), v) for k, v in (search.get(f"{step}_scores") or {}).items())
+    if not scores:
+        ax.text(0.5, 0.5, f"no {step} step", ha="center", va="center", transform=ax.transAxes)
+        return
+    stopped = {float(x) for x in search.get(f"{step}_stopped_early") or []}
+    full = [(lam, score) for lam, score in scores if lam not in stopped]
+    partial = [(lam, score) for lam, score in scores if lam in stopped]
+    ax.plot(*zip(*scores), color="#4C72B0", lw=1, alpha=0.5)
+    if full:
+        ax.plot(*zip(*full), ls="", marker="o", color="#4C72B0", label="scored")
+    if partial:
+        ax.plot(*zip(*partial), ls="", marker="o", mfc="white", color="#4C72B0", label="stopped early (lower bound)")
+    chosen = search.get(f"{step}_lambda")
+    if chosen is not None and float(chosen) in dict(scores):
+        ax.plot([float(chosen)], [dict(scores)[float(chosen)]], ls="", marker="*", ms=15, color="#C44E52",
+                label=f"chosen {float(chosen):g}")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))  # scores are ~1e-4: show the exponent once
+    ax.margins(0.08)  # the star of a chosen extreme stays inside the frame
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _neuroal_search(cell: dict) -> dict | None:
+    search = ((cell.get("manifest") or {}).get("allocation") or {}).get("neuroal")
+    return search if search and (search.get("block_scores") or search.get("row_scores")) else None
+
+
+def _by_top_up(cells: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for cell in cells:
+        groups[cell["top_up"]].append(cell)
+    return dict(groups)
+
+
+def _colour(top_up: str, cells: list[dict]) -> str:
+    """The same colour for a top-up in every figure; top-ups outside the table take the next free one."""
+    if top_up in _TOP_UP_COLOURS:
+        return _TOP_UP_COLOURS[top_up]
+    others = sorted({c["top_up"] for c in cells} - set(_TOP_UP_COLOURS))
+    return _OTHER_COLOURS[others.index(top_up) % len(_OTHER_COLOURS)]
+
+
+def _log_axis(ax) -> None:
+    """A log y axis with labels on the minor ticks too: campaign perplexities span less than a decade
+    or two, where labels on powers of ten alone leave one or two numbers to read from."""
+    from matplotlib.ticker import LogFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
+def _percent_formatter():
+    from matplotlib.ticker import PercentFormatter
+
+    return PercentFormatter(xmax=1.0, decimals=0)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, title: str) -> bool:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

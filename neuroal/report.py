@@ -1,27 +1,52 @@
-"""Comparison tables of a campaign's results (perplexity by method x top-up x sparsity)."""
+"""Comparison tables of a campaign's results and the campaign report (``report.md`` and a
+self-contained ``report.html``), rendered from plain dicts.
+
+A cell is a dict with ``model``, ``method``, ``top_up``, ``sparsity`` and ``metrics`` (``{"ppl":
+{corpus: value}, "tasks": {task: {"acc": value}}}``, None when the cell failed); the report also
+reads ``status``, ``achieved_sparsity`` and ``timings``. A baseline holds ``model`` and ``metrics``.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import re
+from collections.abc import Callable, Mapping
 
-def comparison_table(cells: list[dict], baselines: list[dict], corpus: str) -> str:
-    """A markdown table per model: rows method x top-up, columns sparsity, cells the perplexity
-    on ``corpus`` (and the mean zero-shot accuracy when tasks were run), the dense model first.
+CellText = Callable[[dict, "dict | None"], str]
+LINE_BREAK = "<br>"  # inside a markdown table cell: GitHub renders it, and so does markdown_to_html
 
-    ``cells`` hold ``model``, ``method``, ``top_up``, ``sparsity`` and ``metrics``; ``baselines``
-    hold ``model`` and ``metrics``.
+
+def comparison_table(cells: list[dict], baselines: list[dict], corpus: str | None = None, *,
+                     title: str = "{model}: perplexity on {corpus} (mean zero-shot accuracy)",
+                     cell_text: CellText | None = None) -> str:
+    """A markdown table per model: rows method x top-up, columns sparsity, the dense model first.
+
+    Args:
+        cells: The cells (see the module docstring); a cell without metrics reads "failed".
+        baselines: The dense models' results.
+        corpus: The corpus whose perplexity the default ``cell_text`` shows.
+        title: Heading of each table, formatted with ``model`` and ``corpus``.
+        cell_text: ``f(entry, uniform)`` -> the text of one table cell, where ``uniform`` is the
+            uniform cell of the same model, method and sparsity (None for uniform rows and the
+            dense model). Default: perplexity on ``corpus`` and, when tasks were run, the mean
+            zero-shot accuracy in brackets.
     """
+    cell_text = cell_text or (lambda entry, _uniform: _cell(entry.get("metrics"), corpus))
     lines = []
     for model in dict.fromkeys(c["model"] for c in [*baselines, *cells]):
         mine = [c for c in cells if c["model"] == model]
         sparsities = sorted({c["sparsity"] for c in mine})
-        lines += [f"### {model}: perplexity on {corpus} (mean zero-shot accuracy)", "",
+        lines += [f"### {title.format(model=model, corpus=corpus)}", "",
                   "| method | top-up | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
                   "|---|---|" + "---|" * len(sparsities)]
         for base in (b for b in baselines if b["model"] == model):
-            lines.append(f"| dense | | {_cell(base['metrics'], corpus)} |" + " |" * (len(sparsities) - 1))
+            lines.append(f"| dense | | {cell_text(base, None)} |" + " |" * (len(sparsities) - 1))
         for method, top_up in dict.fromkeys((c["method"], c["top_up"]) for c in mine):
             row = {c["sparsity"]: c for c in mine if (c["method"], c["top_up"]) == (method, top_up)}
-            values = [_cell(row[s]["metrics"], corpus) if s in row else "-" for s in sparsities]
+            uniform = {} if top_up == "uniform" else {
+                c["sparsity"]: c for c in mine if (c["method"], c["top_up"]) == (method, "uniform")}
+            values = [cell_text(row[s], uniform.get(s)) if s in row else "-" for s in sparsities]
             lines.append(f"| {method} | {top_up} | " + " | ".join(values) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -31,6 +56,210 @@ def mean_accuracy(metrics: dict) -> float | None:
     """Mean over tasks of ``acc`` (None without tasks)."""
     accs = [values["acc"] for values in (metrics.get("tasks") or {}).values() if values.get("acc") is not None]
     return sum(accs) / len(accs) if accs else None
+
+
+def relative_change(value: float | None, reference: float | None) -> float | None:
+    """``(value - reference) / reference``; None when either is missing or the reference is 0."""
+    if value is None or not reference:
+        return None
+    return (value - reference) / reference
+
+
+def quality_text(corpora: list[str], line_break: str = LINE_BREAK) -> CellText:
+    """A ``cell_text`` for :func:`comparison_table`: perplexity on each corpus with its change
+    against uniform (``-12.3%``), then the mean zero-shot accuracy with its change in points."""
+
+    def text(entry: dict, uniform: dict | None) -> str:
+        metrics = entry.get("metrics")
+        if not metrics:
+            return entry.get("status") or "failed"
+        reference = (uniform or {}).get("metrics") or {}
+        lines = [f"{corpus} {_ppl_with_change(metrics, reference, corpus)}" for corpus in corpora]
+        accuracy = mean_accuracy(metrics)
+        if accuracy is not None:
+            lines.append(f"acc {accuracy:.3f}{_points(accuracy, mean_accuracy(reference))}")
+        return line_break.join(lines) or "-"
+
+    return text
+
+
+def cost_text(entry: dict, _uniform: dict | None = None) -> str:
+    """A ``cell_text`` for :func:`comparison_table`: achieved sparsity, pruning and evaluation time."""
+    if not entry.get("metrics"):
+        return entry.get("status") or "failed"
+    timings = entry.get("timings") or {}
+    prune = sum(v for k, v in timings.items() if not k.startswith("eval."))
+    evaluation = sum(v for k, v in timings.items() if k.startswith("eval."))
+    achieved = entry.get("achieved_sparsity")
+    parts = [f"{achieved:.2%}" if achieved is not None else "-"]
+    parts += [f"prune {_seconds(prune)}"] if prune else []
+    parts += [f"eval {_seconds(evaluation)}"] if evaluation else []
+    return " · ".join(parts)
+
+
+def render_markdown(report: dict) -> str:
+    """The campaign report as markdown.
+
+    Args:
+        report: ``experiment``, ``tracking_uri``, ``campaign`` (``run_id``, ``status``, ``started``,
+            ``git_revision``, ``settings``: flat key paths -> values), ``corpora``, ``tasks``,
+            ``cells``, ``baselines`` (see the module docstring; cells also carry ``name``,
+            ``run_id`` and ``campaign_run_id``) and ``figures`` (``model``, ``title``, ``file``,
+            in order).
+    """
+    campaign = report["campaign"]
+    lines = [f"# Campaign report: {report['experiment']}", "",
+             f"Campaign run `{campaign['run_id']}` ({campaign['status']}), started {campaign['started']}"
+             + (f", git `{campaign['git_revision']}`" if campaign.get("git_revision") else "")
+             + f"; MLflow `{report['tracking_uri']}`.", "",
+             "Settings: " + ", ".join(f"`{k}={v}`" for k, v in campaign["settings"].items()) + ".", ""]
+    for model in dict.fromkeys(c["model"] for c in [*report["baselines"], *report["cells"]]):
+        lines += _model_section(report, model)
+    reused = [c for c in report["cells"] if c.get("run_id") and c.get("campaign_run_id") != campaign["run_id"]]
+    if reused:
+        lines += ["## Cells from earlier campaign runs", "",
+                  "Not logged by this campaign run; the latest finished run of the same configuration:", ""]
+        lines += [f"- {c['name']}: run `{c['run_id']}` of campaign run `{c['campaign_run_id']}`" for c in reused]
+        lines.append("")
+    return "\n".join(lines)
+
+
+_COST_LEGEND = ("Achieved sparsity of the decoder blocks' linear weights, then the time to prune "
+                "(load, allocate, prune) and to evaluate the cell.")
+
+
+def _model_section(report: dict, model: str) -> list[str]:
+    cells = [c for c in report["cells"] if c["model"] == model]
+    baselines = [b for b in report["baselines"] if b["model"] == model]
+    tasks = ", ".join(report["tasks"])
+    legend = ("The dense row is the unpruned model. Perplexity on each corpus (lower is better)"
+              + (f" and mean zero-shot accuracy over {tasks} (`acc`)" if tasks else "")
+              + "; in brackets the change against the uniform cell of the same method and sparsity"
+              + (" (accuracy: in points)" if tasks else "") + ".")
+    lines = [f"## {model}", "",
+             comparison_table(cells, baselines, title="Perplexity and zero-shot accuracy",
+                              cell_text=quality_text(report["corpora"])), legend, "",
+             comparison_table(cells, [], title="Achieved sparsity and time", cell_text=cost_text),
+             _COST_LEGEND, ""]
+    figures = [f for f in report["figures"] if f["model"] == model]
+    if figures:
+        lines += ["### Plots", ""]
+        for figure in figures:
+            lines += [f"![{figure['title']}]({figure['file']})", ""]
+    return lines
+
+
+def markdown_to_html(markdown: str, images: Mapping[str, bytes], title: str) -> str:
+    """A self-contained HTML page of the markdown that :func:`render_markdown` writes: headings,
+    paragraphs, lists, tables, and images embedded as base64 data URIs; inline CSS, nothing external.
+
+    Args:
+        markdown: The report's markdown.
+        images: PNG bytes by the file name the markdown refers to.
+        title: The page title.
+
+    Raises:
+        KeyError: An image the markdown refers to is not in ``images``.
+    """
+    body, block = [], []
+    for line in [*markdown.splitlines(), ""]:
+        kind = _line_kind(line)
+        if block and (kind != _line_kind(block[0]) or kind == "blank"):
+            body.append(_html_block(block, images))
+            block = []
+        if kind == "heading" or kind == "image":
+            body.append(_html_block([line], images))
+        elif kind != "blank":
+            block.append(line)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+_CSS = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; color: #1b1f24;
+       max-width: 1200px; margin: 2em auto; padding: 0 1.5em; }
+h1 { font-size: 1.7em; border-bottom: 2px solid #d0d7de; padding-bottom: .3em; }
+h2 { font-size: 1.35em; margin-top: 2em; border-bottom: 1px solid #d0d7de; padding-bottom: .2em; }
+h3 { font-size: 1.1em; margin-top: 1.6em; }
+code { font: .9em ui-monospace, "DejaVu Sans Mono", monospace; background: #f3f4f6; padding: .1em .3em;
+       border-radius: 3px; overflow-wrap: anywhere; }
+table { border-collapse: collapse; margin: .5em 0 1.2em; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #d0d7de; padding: .35em .7em; vertical-align: top; text-align: left; }
+th { background: #f6f8fa; }
+tbody tr:nth-child(even) { background: #fafbfc; }
+td { white-space: nowrap; }
+.better { color: #1a7f37; } .worse { color: #cf222e; }
+img { max-width: 100%; height: auto; display: block; margin: .5em 0 1.5em; border: 1px solid #eaeef2; }
+"""
+# A change in brackets, made by quality_text: perplexity (lower is better) or accuracy points.
+_PPL_CHANGE = re.compile(r"\(([+-])(\d+(?:\.\d+)?%)\)")
+_ACC_CHANGE = re.compile(r"\(([+-])(\d+(?:\.\d+)? pt)\)")
+_IMAGE = re.compile(r"^!\[(?P<alt>[^\]]*)\]\((?P<src>[^)]+)\)$")
+
+
+def _line_kind(line: str) -> str:
+    if not line.strip():
+        return "blank"
+    if line.startswith("#"):
+        return "heading"
+    if line.startswith("|"):
+        return "table"
+    if line.startswith("- "):
+        return "list"
+    return "image" if _IMAGE.match(line) else "text"
+
+
+def _html_block(lines: list[str], images: Mapping[str, bytes]) -> str:
+    kind = _line_kind(lines[0])
+    if kind == "heading":
+        level = len(lines[0]) - len(lines[0].lstrip("#"))
+        return f"<h{level}>{_inline(lines[0][level:].strip())}</h{level}>"
+    if kind == "image":
+        match = _IMAGE.match(lines[0])
+        data = base64.b64encode(images[match["src"]]).decode("ascii")
+        return f'<img alt="{html.escape(match["alt"])}" src="data:image/png;base64,{data}">'
+    if kind == "table":
+        return _html_table(lines)
+    if kind == "list":
+        return "<ul>" + "".join(f"<li>{_inline(line[2:])}</li>" for line in lines) + "</ul>"
+    return f"<p>{_inline(' '.join(lines))}</p>"
+
+
+def _html_table(lines: list[str]) -> str:
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+    head, body = rows[0], rows[2:]  # rows[1] is the |---| separator
+    return ("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body)
+            + "</tbody></table>")
+
+
+def _inline(text: str) -> str:
+    """Escaped text with `code`, line breaks, and changes coloured better/worse."""
+    text = html.escape(text, quote=False).replace(html.escape(LINE_BREAK), "<br>")
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = _PPL_CHANGE.sub(lambda m: _change_span(m, better_sign="-"), text)
+    return _ACC_CHANGE.sub(lambda m: _change_span(m, better_sign="+"), text)
+
+
+def _change_span(match: re.Match, better_sign: str) -> str:
+    css = "better" if match[1] == better_sign else "worse"
+    return f'(<span class="{css}">{match[1]}{match[2]}</span>)'
+
+
+def _ppl_with_change(metrics: dict, reference: dict, corpus: str) -> str:
+    ppl = (metrics.get("ppl") or {}).get(corpus)
+    if ppl is None:
+        return "-"
+    change = relative_change(ppl, (reference.get("ppl") or {}).get(corpus))
+    return f"{ppl:.2f}" + (f" ({change:+.1%})" if change is not None else "")
+
+
+def _points(accuracy: float, reference: float | None) -> str:
+    return f" ({(accuracy - reference) * 100:+.1f} pt)" if reference is not None else ""
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 100 else f"{seconds:.0f} s"
 
 
 def _cell(metrics: dict | None, corpus: str) -> str:

@@ -55,7 +55,12 @@ class Ref:
 
 def cell_name(config: PruneConfig) -> str:
     """``{model}-{method}-{top_up}-s{sparsity}``: the checkpoint folder and the Prefect/MLflow run name."""
-    return f"{model_slug(config.model)}-{config.method}-{config.top_up}-s{config.sparsity:g}"
+    return grid_cell_name(config.model, config.method, config.top_up, config.sparsity)
+
+
+def grid_cell_name(model: str, method: str, top_up: str, sparsity: float) -> str:
+    """:func:`cell_name` of a grid point given by its axes."""
+    return f"{model_slug(model)}-{method}-{top_up}-s{sparsity:g}"
 
 
 def model_slug(spec: str) -> str:

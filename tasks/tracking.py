@@ -8,10 +8,12 @@ names it.
 
 from __future__ import annotations
 
+import json
 import logging
 import numbers
 import os
 import re
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -20,6 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from neuroal.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +152,75 @@ def finish_campaign(run_id: str, status: str = "FINISHED") -> None:
     """
     with _tracking("finishing the campaign run") as client:
         client.set_terminated(run_id, status)
+
+
+# Reading a campaign back (``neuroal report``): plain functions, not tasks, because the report runs
+# outside any flow and needs no task-run bookkeeping (nor a temporary Prefect server).
+
+
+def experiment_runs(experiment: str) -> list[dict]:
+    """Every run of an MLflow experiment as a plain dict.
+
+    Returns:
+        Dicts with ``run_id``, ``name``, ``status``, ``start_time`` and ``end_time`` (ms since the
+        epoch, 0 when unset), ``params``, ``metrics``, ``tags`` and ``parent_run_id`` (None for a
+        campaign's parent run).
+
+    Raises:
+        UserError: The tracking store or the experiment does not exist.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    uri = tracking_uri()
+    _require_store(uri)
+    with _tracking(f"reading experiment {experiment!r}") as client:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise UserError(f"MLflow experiment {experiment!r} does not exist in {redact_url(uri)}")
+        runs, token = [], None
+        while True:
+            page = client.search_runs([found.experiment_id], max_results=_PAGE, page_token=token)
+            runs += page
+            if not (token := page.token):
+                break
+    return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
+             "start_time": r.info.start_time or 0, "end_time": r.info.end_time or 0,
+             "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags),
+             "parent_run_id": r.data.tags.get(MLFLOW_PARENT_RUN_ID)} for r in runs]
+
+
+def read_json_artifact(run_id: str, path: str):
+    """A run's JSON artifact, or None when it is missing or unreadable."""
+    from mlflow.exceptions import MlflowException
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file is noise
+    with _tracking(f"reading {path} of run {run_id}") as client, tempfile.TemporaryDirectory() as tmp:
+        try:
+            return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
+        except (MlflowException, OSError, ValueError) as exc:
+            if _is_connection_error(exc):
+                raise
+            logger.warning("run %s has no readable %s (%s)", run_id, path, exc)
+            return None
+
+
+def log_folder(run_id: str, folder: str | Path, artifact_path: str) -> None:
+    """Upload a folder's files to a run (finished or not) under ``artifact_path``."""
+    with _tracking(f"logging {artifact_path} to run {run_id}") as client:
+        client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+
+
+def _require_store(uri: str) -> None:
+    """Refuse a local store that does not exist: MLflow would create an empty one."""
+    parts = urlsplit(uri)
+    if parts.scheme == "sqlite":
+        path = parts.path[1:]  # SQLAlchemy: sqlite:///relative.db, sqlite:////absolute.db
+    elif parts.scheme in ("", "file"):
+        path = parts.path
+    else:
+        return  # a server: a missing experiment is reported by name
+    if path and not Path(path).exists():
+        raise UserError(f"no MLflow store at {path}: run a campaign here first or set {TRACKING_URI_ENV}")
 
 
 @contextmanager

@@ -1,0 +1,189 @@
+"""The campaign report: the latest campaign of an MLflow experiment read back from its runs and
+rendered (by ``neuroal.report`` and ``neuroal.plots``) as ``report.md``, a self-contained
+``report.html`` and PNG plots in one folder, also logged to the campaign's parent run under
+``report/``.
+
+The grid is the latest campaign's (its parent run's ``prune.*`` params). Each cell is the latest
+finished run of the same configuration (grid point, shared ``prune.*`` and ``eval.*`` params)
+under any campaign of the experiment, so a rerun that served cells from its caches and one that
+retried only the failed cells both report every cell. A cell with no such run reads "failed"
+("running" while the campaign run is still open).
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+from neuroal.checkpoint import MANIFEST
+from neuroal.config import GRID_AXES
+from neuroal.errors import UserError
+from neuroal.files import staged_folder
+from neuroal.plots import plot_block_sparsity_profiles, plot_neuroal_candidates, plot_perplexity_vs_sparsity
+from neuroal.report import markdown_to_html, render_markdown
+from tasks.cells import grid_cell_name, model_slug
+from tasks.tracking import experiment_runs, log_folder, read_json_artifact, redact_url, tracking_uri
+
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
+ARTIFACT_PATH = "report"  # where the report goes in the parent run's artifacts
+
+
+def write_report(experiment: str, out: Path) -> Path:
+    """Read the latest campaign of ``experiment``, write the report folder ``out`` (replacing an
+    older report atomically), log it to the campaign's parent run; returns the HTML file's path.
+
+    Raises:
+        UserError: Unknown experiment, no campaign run in it, or ``out`` cannot be written.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cannot write the report to {out}: it exists and is not a folder")
+    report = read_campaign(experiment)
+    try:
+        with staged_folder(out) as folder:
+            _write_files(report, folder)
+    except OSError as exc:
+        raise UserError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    log_folder(report["campaign"]["run_id"], out, ARTIFACT_PATH)
+    return out / REPORT_HTML
+
+
+def read_campaign(experiment: str) -> dict:
+    """The latest campaign of ``experiment`` as the plain dict :func:`neuroal.report.render_markdown`
+    takes (without ``figures``)."""
+    runs = experiment_runs(experiment)
+    parents = [r for r in runs if r["parent_run_id"] is None and _is_campaign(r)]
+    if not parents:
+        raise UserError(f"MLflow experiment {experiment!r} has no campaign run (run `neuroal campaign` first)")
+    parent = max(parents, key=lambda r: r["start_time"])
+    children = [r for r in runs if r["parent_run_id"] and r["status"] == "FINISHED"]
+    params = parent["params"]
+    shared = {k: v for k, v in params.items()
+              if k.startswith("eval.") or (k.startswith("prune.") and k.removeprefix("prune.") not in GRID_AXES)}
+    missing = "running" if parent["status"] == "RUNNING" else "failed"
+    cells = [_cell(point, children, shared, missing) for point in _grid(params)]
+    baselines = [_baseline(model, children, shared, missing) for model in _axis(params, "prune.model")
+                 ] if params.get("campaign.baseline", "True") == "True" else []
+    return {
+        "experiment": experiment, "tracking_uri": redact_url(tracking_uri()),
+        "campaign": {"run_id": parent["run_id"], "status": parent["status"], "started": _utc(parent["start_time"]),
+                     "git_revision": parent["tags"].get("git_revision"), "settings": shared},
+        "corpora": _axis(params, "eval.ppl"), "tasks": _axis(params, "eval.tasks"),
+        "cells": cells, "baselines": baselines,
+    }
+
+
+def _is_campaign(run: dict) -> bool:
+    """A campaign's parent run: it records the grid (a run started by hand in the experiment does not)."""
+    return all(f"prune.{axis}" in run["params"] for axis in GRID_AXES)
+
+
+def _grid(params: dict) -> list[dict]:
+    """The grid points of a campaign's parent-run params, in the campaign's order (models outermost)."""
+    axes = [_axis(params, f"prune.{axis}") for axis in GRID_AXES]
+    axes[GRID_AXES.index("sparsity")] = [float(s) for s in axes[GRID_AXES.index("sparsity")]]
+    return [dict(zip(GRID_AXES, point)) for point in itertools.product(*axes)]
+
+
+def _axis(params: dict, key: str) -> list[str]:
+    """A list-valued param (logged comma-joined) as a list; empty when unset or empty."""
+    return [v.strip() for v in params.get(key, "").split(",") if v.strip()]
+
+
+def _cell(point: dict, children: list[dict], shared: dict, missing: str) -> dict:
+    """One grid point: the latest finished cell run of its configuration, or ``missing``."""
+
+    def same(run: dict) -> bool:
+        p = run["params"]
+        return (run["tags"].get("kind") == "cell" and all(p.get(k) == v for k, v in shared.items())
+                and all(p.get(f"prune.{a}") == point[a] for a in GRID_AXES if a != "sparsity")
+                and _float(p.get("prune.sparsity")) == point["sparsity"])
+
+    entry = {**point, "name": grid_cell_name(**point)}
+    run = _latest([r for r in children if same(r)])
+    if run is None:
+        return {**entry, "status": missing, "metrics": None}
+    metrics = run["metrics"]
+    return {**entry, **_run_fields(run), "achieved_sparsity": metrics.get("achieved_sparsity"),
+            "timings": {k.removeprefix("time."): v for k, v in metrics.items() if k.startswith("time.")},
+            "manifest": _manifest_summary(read_json_artifact(run["run_id"], MANIFEST))}
+
+
+def _baseline(model: str, children: list[dict], shared: dict, missing: str) -> dict:
+    """The latest finished dense-baseline run of ``model`` with the campaign's evaluation settings."""
+    evaluation = {k: v for k, v in shared.items() if k.startswith("eval.")}
+    run = _latest([r for r in children if r["tags"].get("kind") == "baseline" and r["params"].get("prune.model") == model
+                   and all(r["params"].get(k) == v for k, v in evaluation.items())])
+    return {"model": model, **_run_fields(run)} if run else {"model": model, "status": missing, "metrics": None}
+
+
+def _run_fields(run: dict) -> dict:
+    return {"status": "finished", "metrics": _nested_metrics(run["metrics"]), "run_id": run["run_id"],
+            "campaign_run_id": run["parent_run_id"]}
+
+
+def _latest(runs: list[dict]) -> dict | None:
+    return max(runs, key=lambda r: (r["end_time"], r["start_time"]), default=None)
+
+
+def _nested_metrics(flat: dict) -> dict:
+    """``ppl.<corpus>`` and ``tasks.<task>.<metric>`` back to ``{"ppl": {...}, "tasks": {task: {...}}}``."""
+    nested = {"ppl": {}, "tasks": {}}
+    for key, value in flat.items():
+        if key.startswith("ppl."):
+            nested["ppl"][key.removeprefix("ppl.")] = value
+        elif key.startswith("tasks."):
+            task, _, metric = key.removeprefix("tasks.").rpartition(".")
+            nested["tasks"].setdefault(task, {})[metric] = value
+    return nested
+
+
+def _manifest_summary(manifest: dict | None) -> dict | None:
+    """What the plots read from ``neuroal.json``; the per-row sparsities (megabytes) are dropped."""
+    if not manifest:
+        return None
+    search = ((manifest.get("allocation") or {}).get("neuroal") or {})
+    return {"target_sparsity": manifest.get("target_sparsity"), "module_sparsity": manifest.get("module_sparsity"),
+            "allocation": {"neuroal": {k: v for k, v in search.items() if k != "row_sparsities"}} if search else {}}
+
+
+def _write_files(report: dict, folder: Path) -> None:
+    """The plots, ``report.md`` and ``report.html`` into ``folder``."""
+    report = {**report, "figures": _plot_figures(report, folder)}
+    markdown = render_markdown(report)
+    (folder / REPORT_MD).write_text(markdown, encoding="utf-8")
+    images = {f["file"]: (folder / f["file"]).read_bytes() for f in report["figures"]}
+    page = markdown_to_html(markdown, images, title=f"Campaign report: {report['experiment']}")
+    (folder / REPORT_HTML).write_text(page, encoding="utf-8")
+
+
+def _plot_figures(report: dict, folder: Path) -> list[dict]:
+    """Three figures per model x method (those with something to show), as PNGs in ``folder``."""
+    figures = []
+    for model, method in dict.fromkeys((c["model"], c["method"]) for c in report["cells"]):
+        cells = [c for c in report["cells"] if (c["model"], c["method"]) == (model, method)]
+        baselines = [b for b in report["baselines"] if b["model"] == model]
+        plots = [
+            ("perplexity", "perplexity against sparsity",
+             partial(plot_perplexity_vs_sparsity, cells, baselines, report["corpora"])),
+            ("block-sparsity", "achieved sparsity per decoder block", partial(plot_block_sparsity_profiles, cells)),
+            ("neuroal-candidates", "NeuroAl candidate scores", partial(plot_neuroal_candidates, cells)),
+        ]
+        for kind, what, plot in plots:
+            file, title = f"{model_slug(model)}-{method}-{kind}.png", f"{model}, {method}: {what}"
+            if plot(folder / file, title):
+                figures.append({"model": model, "title": title, "file": file})
+    return figures
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

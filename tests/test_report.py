@@ -1,0 +1,224 @@
+"""`neuroal report`: campaigns logged to a SQLite MLflow store by the campaign's own tracking code
+(``start_campaign``, ``log_cell``, ``finish_campaign`` called as functions, without Prefect), read
+back and rendered; reruns, failed cells, and bad input (exit 2, one line, nothing written)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from flows.prune_cell import _cell_metrics
+from neuroal.cli import main
+from neuroal.config import CampaignConfig
+from tasks.cells import cell_name, model_slug
+from tasks.tracking import finish_campaign, flatten, log_cell, start_campaign
+
+MODEL = "tiny-org/tiny-llama"  # a hub-like id: its slash must not reach a file name
+TOP_UPS = ["uniform", "owl", "neuroal"]
+SPARSITIES = [0.5, 0.7]
+# Perplexity on wikipedia by (top-up, sparsity); lee is 1.5x; the dense model's is DENSE_PPL.
+PPL = {("uniform", 0.5): 100.0, ("owl", 0.5): 90.0, ("neuroal", 0.5): 87.7,
+       ("uniform", 0.7): 1000.0, ("owl", 0.7): 1250.0, ("neuroal", 0.7): 400.0}
+ACC = {"uniform": (0.5, 0.4), "owl": (0.45, 0.45), "neuroal": (0.6, 0.5)}  # arc_easy, boolq
+DENSE_PPL = 25.4
+BLOCKS = 3
+MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> MlflowClient:
+    """One SQLite store for the module (its schema takes seconds); tests use their own experiments."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)  # a SQLite store's default artifact root is ./mlruns
+        yield MlflowClient(uri)
+
+
+@pytest.fixture(scope="module")
+def full(store, tmp_path_factory) -> str:
+    """Experiment ``full``: one finished campaign of the whole grid; returns its parent run id."""
+    return log_campaign("full", tmp_path_factory.mktemp("artifacts"))
+
+
+def campaign_config(experiment: str, limit: int) -> CampaignConfig:
+    return CampaignConfig(
+        prune={"model": [MODEL], "method": ["wanda"], "top_up": TOP_UPS, "sparsity": SPARSITIES,
+               "calib": "lee", "nsamples": 4, "seqlen": 32},
+        eval={"ppl": ["wikipedia", "lee"], "tasks": ["arc_easy", "boolq"], "limit": limit, "seqlen": 32},
+        campaign={"experiment": experiment, "dvc": False})
+
+
+def log_campaign(experiment: str, folder: Path, *, limit: int = 40, scale: float = 1.0, only=None,
+                 status: str = "FINISHED") -> str:
+    """Log a campaign the way flows/campaign.py and flows/prune_cell.py do: the parent run, the
+    dense baseline, and a run per cell (``only`` these cell names; the others failed), with every
+    perplexity multiplied by ``scale``. Returns the parent run id."""
+    config = campaign_config(experiment, limit)
+    parent = start_campaign.fn(experiment, flatten(config.model_dump()), tags={"git_revision": "abc123"})
+    evaluation = config.eval.model_dump()
+    log_cell.fn(parent, f"{model_slug(MODEL)}-dense", params=flatten({"prune": {"model": MODEL}, "eval": evaluation}),
+                metrics={"ppl": {"wikipedia": DENSE_PPL, "lee": DENSE_PPL * 1.5},
+                         "tasks": {"arc_easy": {"acc": 0.7}, "boolq": {"acc": 0.6}}},
+                tags={"kind": "baseline"})
+    for cell in config.cells():
+        if only is not None and cell_name(cell) not in only:
+            continue
+        manifest = fake_manifest(cell.top_up, cell.sparsity)
+        (folder / "neuroal.json").write_text(json.dumps(manifest))
+        ppl = PPL[cell.top_up, cell.sparsity] * scale
+        metrics = {"ppl": {"wikipedia": ppl, "lee": ppl * 1.5},
+                   "tasks": {task: {"acc": acc, "acc_norm": acc} for task, acc in
+                             zip(("arc_easy", "boolq"), ACC[cell.top_up])},
+                   "timings": {"load": 1.0, "ppl.wikipedia": 3.0, "ppl.lee": 2.0, "tasks": 5.0},
+                   "checkpoint": manifest}
+        log_cell.fn(parent, cell_name(cell), params=flatten({"prune": cell.model_dump(), "eval": evaluation}),
+                    metrics=_cell_metrics(metrics), artifacts=[folder / "neuroal.json"],
+                    tags={"kind": "cell", "git_revision": "abc123"})
+    finish_campaign.fn(parent, status)
+    return parent
+
+
+def fake_manifest(top_up: str, sparsity: float) -> dict:
+    """The parts of ``neuroal.json`` the report reads: per-module sparsity, NeuroAl's search."""
+    spread = {"uniform": 0.0, "owl": -0.05, "neuroal": 0.1}[top_up]
+    blocks = [sparsity + spread * (i - 1) for i in range(BLOCKS)]
+    manifest = {"method": "wanda", "top_up": top_up, "target_sparsity": sparsity,
+                "achieved_sparsity": sparsity + 0.001,
+                "module_sparsity": {f"model.layers.{i}.{m}": blocks[i] for i in range(BLOCKS) for m in MODULES},
+                "timings": {"load": 0.5, "allocate": 20.0 if top_up == "neuroal" else 2.0, "prune": 10.0},
+                "lambdas": {}, "allocation": {}}
+    if top_up == "neuroal":
+        manifest["lambdas"] = {"block": 0.1, "row": 0.2}
+        manifest["allocation"]["neuroal"] = {
+            "block_lambda": 0.1, "row_lambda": 0.2, "block_scores": {"0.08": 3.2e-4, "0.1": 3.1e-4, "0.12": 3.3e-4},
+            "row_scores": {"0.1": 2.9e-4, "0.2": 2.7e-4}, "block_stopped_early": [0.12], "row_stopped_early": [],
+            "row_sparsities": {"model.layers.0.self_attn.q_proj": [sparsity] * 64}}
+    return manifest
+
+
+def table_rows(markdown: str, title: str) -> dict[tuple[str, str], list[str]]:
+    """The rows of the table under ``### title``: (method, top-up) -> the cells of each sparsity."""
+    section = markdown.split(f"### {title}\n\n", 1)[1].split("\n\n", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()[2:]]
+    return {(row[0], row[1]): row[2:] for row in rows}
+
+
+def run_report(*args) -> int:
+    return main(["report", *map(str, args)])
+
+
+def test_report_lists_every_cell_with_its_change_against_uniform(full, store, tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"old")  # a previous report is replaced whole
+    assert run_report("--experiment", "full", "--out", out) == 0
+    assert capsys.readouterr().out.strip() == f"report: {out / 'report.html'}"
+    markdown = (out / "report.md").read_text()
+    assert f"`{full}` (FINISHED)" in markdown and "`eval.limit=40`" in markdown
+
+    quality = table_rows(markdown, "Perplexity and zero-shot accuracy")
+    assert quality[("dense", "")][0] == f"wikipedia {DENSE_PPL:.2f}<br>lee {DENSE_PPL * 1.5:.2f}<br>acc 0.650"
+    for (top_up, sparsity), ppl in PPL.items():
+        text = quality[("wanda", top_up)][SPARSITIES.index(sparsity)]
+        uniform = PPL["uniform", sparsity]
+        acc, uniform_acc = sum(ACC[top_up]) / 2, sum(ACC["uniform"]) / 2
+        if top_up == "uniform":
+            expected = [f"wikipedia {ppl:.2f}", f"lee {ppl * 1.5:.2f}", f"acc {acc:.3f}"]
+        else:  # the change written out: (cell - uniform) / uniform, and accuracy in points
+            change = f"{(ppl - uniform) / uniform * 100:+.1f}%"
+            expected = [f"wikipedia {ppl:.2f} ({change})", f"lee {ppl * 1.5:.2f} ({change})",
+                         f"acc {acc:.3f} ({(acc - uniform_acc) * 100:+.1f} pt)"]
+        assert text.split("<br>") == expected
+    assert quality[("wanda", "neuroal")][0].startswith("wikipedia 87.70 (-12.3%)")
+    assert quality[("wanda", "owl")][1].startswith("wikipedia 1250.00 (+25.0%)")
+
+    cost = table_rows(markdown, "Achieved sparsity and time")
+    assert set(cost) == {("wanda", t) for t in TOP_UPS}
+    assert cost[("wanda", "neuroal")][1] == "70.10% · prune 30.5 s · eval 11.0 s"  # 0.5+20+10; 1+3+2+5
+    assert cost[("wanda", "uniform")][0] == "50.10% · prune 12.5 s · eval 11.0 s"
+
+    slug = model_slug(MODEL)
+    pngs = {f"{slug}-wanda-{kind}.png" for kind in ("perplexity", "block-sparsity", "neuroal-candidates")}
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", *pngs}
+    assert all(f"]({png})" in markdown for png in pngs)
+    page = (out / "report.html").read_text()
+    assert not re.search(r"https?:|file:|<link|<script|@import|url\(", page)  # self-contained
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) == len(pngs) and all(s.startswith("data:image/png;base64,") for s in sources)
+    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in sources}
+    assert embedded == {(out / png).read_bytes() for png in pngs}
+    assert "87.70 (<span class=\"better\">-12.3%</span>)" in page
+
+    logged = {Path(a.path).name for a in store.list_artifacts(full, "report")}
+    assert {"report.md", "report.html", *pngs} <= logged
+
+
+def test_latest_campaign_with_a_failed_cell_then_a_retry(store, tmp_path, capsys):
+    grid = [f"{model_slug(MODEL)}-wanda-{t}-s{s:g}" for t in TOP_UPS for s in SPARSITIES]
+    failed = grid[-1]  # neuroal at 70%
+    log_campaign("reruns", tmp_path, limit=40, scale=1.0)
+    # The latest campaign evaluates differently (limit 20): the first campaign's cells are not its own.
+    second = log_campaign("reruns", tmp_path, limit=20, scale=2.0, only=set(grid) - {failed}, status="FAILED")
+    out = tmp_path / "report"
+    assert run_report("--experiment", "reruns", "--out", out) == 0
+    quality = table_rows((out / "report.md").read_text(), "Perplexity and zero-shot accuracy")
+    assert quality[("wanda", "neuroal")][1] == "failed"
+    assert quality[("wanda", "uniform")][0].startswith(f"wikipedia {100.0 * 2:.2f}")
+    assert "earlier campaign" not in (out / "report.md").read_text()
+
+    # A retry of the failed cell and of one more: those two come from it, the rest from the second.
+    retry = log_campaign("reruns", tmp_path, limit=20, scale=3.0, only={failed, grid[0]})
+    assert run_report("--experiment", "reruns", "--out", out) == 0
+    markdown = (out / "report.md").read_text()
+    quality = table_rows(markdown, "Perplexity and zero-shot accuracy")
+    assert quality[("wanda", "neuroal")][1].startswith(f"wikipedia {400.0 * 3:.2f}")
+    assert quality[("wanda", "uniform")][0].startswith(f"wikipedia {100.0 * 3:.2f}")
+    assert quality[("wanda", "owl")][0].startswith(f"wikipedia {90.0 * 2:.2f} (-40.0%)")  # against the retry's uniform
+    assert f"`{retry}` (FINISHED)" in markdown
+    assert f"{grid[2]}: run" in markdown and f"of campaign run `{second}`" in markdown
+    assert "report: " in capsys.readouterr().out
+
+
+def test_defaults_come_from_params_yaml(full, tmp_path, monkeypatch, capsys):
+    params = campaign_config("full", 40).model_dump()
+    params["campaign"]["out"] = "runs/somewhere"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    assert run_report() == 0
+    assert (tmp_path / "runs/somewhere/report/report.html").is_file()
+    assert capsys.readouterr().out.strip() == "report: runs/somewhere/report/report.html"
+
+
+@pytest.mark.parametrize("case", ["unknown-experiment", "no-campaign", "out-under-a-file", "out-is-a-file", "no-store"])
+def test_bad_input_is_one_line_exit_2_nothing_written(full, store, tmp_path, monkeypatch, capsys, case):
+    experiment, out, needle = "full", tmp_path / "report", None
+    if case == "unknown-experiment":
+        experiment, needle = "nonexistent", "'nonexistent' does not exist"
+    elif case == "no-campaign":
+        experiment, needle = "empty", "has no campaign run"
+        if store.get_experiment_by_name("empty") is None:
+            store.create_experiment("empty")
+    elif case == "out-under-a-file":
+        (tmp_path / "file.txt").write_text("x")
+        out, needle = tmp_path / "file.txt" / "report", "cannot write the report"
+    elif case == "out-is-a-file":
+        out, needle = tmp_path / "file.txt", "not a folder"
+        out.write_text("x")
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'nowhere.db'}")
+        needle = "no MLflow store"
+    before = sorted(tmp_path.iterdir())
+    assert run_report("--experiment", experiment, "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+    assert sorted(tmp_path.iterdir()) == before  # no report, no temporary folder, no new store
+
