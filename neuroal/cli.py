@@ -11,6 +11,7 @@ from pathlib import Path
 
 from neuroal.errors import UserError
 from neuroal.files import write_json_atomic
+from neuroal.progress import show_progress
 
 EXIT_USAGE = 2
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         _quiet_libraries()
+    show_progress(not args.quiet)
     try:
         return args.handler(args)
     except UserError as exc:

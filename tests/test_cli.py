@@ -63,6 +63,13 @@ def test_prune_writes_loadable_checkpoint(tiny_llama, tmp_path, method, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
+def test_progress_bars_show_unless_quiet(tiny_llama, tmp_path, capsys):
+    for flags, shown in (([], True), (["--quiet"], False)):
+        assert main([*flags, *prune_args(tiny_llama, tmp_path / f"out-{shown}")]) == 0
+        err = capsys.readouterr().err
+        assert ("calibration" in err and "prune wanda" in err) == shown, err
+
+
 def test_same_seed_same_masks(tiny_llama, tmp_path):
     for name in ("a", "b"):
         assert main(prune_args(tiny_llama, tmp_path / name)) == 0

@@ -21,6 +21,7 @@ import torch
 from neuroal.data.corpora import get_corpus, load_documents
 from neuroal.errors import UserError
 from neuroal.files import read_tensors, write_tensors_atomic
+from neuroal.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def sample_calibration(tokenizer, spec: CalibrationSpec) -> CalibrationSet:
     documents = load_documents(spec.corpus, "train")
     tokens = _DocumentTokens(tokenizer, documents)
     rng = random.Random(spec.seed)
-    rows = [_draw_window(rng, tokens, spec) for _ in range(spec.nsamples)]
+    rows = [_draw_window(rng, tokens, spec) for _ in progress(range(spec.nsamples), desc="calibration")]
     input_ids = torch.stack(rows).to(torch.long)
     logger.info("drew %d x %d tokens from %s", spec.nsamples, spec.seqlen, spec.corpus)
     return CalibrationSet(spec=spec, input_ids=input_ids, digest=calibration_digest(input_ids, spec))

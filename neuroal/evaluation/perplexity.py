@@ -6,9 +6,9 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from neuroal.data import load_text
+from neuroal.progress import progress
 
 
 def eval_windows(tokenizer, corpus: str, seqlen: int, limit: int | None = None) -> torch.Tensor:
@@ -25,7 +25,7 @@ def eval_windows(tokenizer, corpus: str, seqlen: int, limit: int | None = None) 
 def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8) -> float:
     """``exp`` of the mean next-token cross-entropy over all windows (each window scored alone)."""
     total, count = 0.0, 0
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", leave=False):
+    for start in progress(range(0, windows.shape[0], batch_size), desc="perplexity"):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         loss = nn.functional.cross_entropy(

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from neuroal.calibration import capture_block_inputs, observe_inputs, onloaded, run_block
 from neuroal.models import architecture_of, block_linears, decoder_blocks
+from neuroal.progress import progress
 from neuroal.pruning.statistics import InputStats
 
 
@@ -46,7 +46,7 @@ def layer_sequential(
         if calibration_ids is None:
             raise ValueError(f"statistics {sorted(kinds)} need calibration data")
         inputs = capture_block_inputs(model, blocks, calibration_ids, device, batch_size)
-    for index, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
+    for index, block in enumerate(progress(blocks, desc=desc)):
         with onloaded(block, device):
             linears = block_linears(block)
             stats: dict[str, InputStats] = {}
