@@ -1,3 +1,8 @@
 """neuroal: NeuroAl and peer sparsity allocators for pruning LLMs without re-training."""
 
 __version__ = "0.1.0"
+
+# Bump whenever a change alters the allocation or masks that a config produces: campaigns then
+# recompute the allocations and checkpoints that older code cached instead of reusing them.
+# 2: NeuroAl's coarse strategy searches in lambda (golden section), not in grid steps.
+RESULTS_VERSION = 2

@@ -12,10 +12,11 @@ import torch
 import neuroal
 from neuroal.checkpoint import save_checkpoint
 from neuroal.config import PruneConfig
-from neuroal.data import CalibrationSet, CalibrationSpec, get_corpus, sample_calibration
+from neuroal.data import CalibrationSet, CalibrationSpec, get_corpus, load_documents, sample_calibration
 from neuroal.errors import UserError
 from neuroal.models import (
     ModelSource,
+    check_weights,
     context_length,
     load_config,
     load_model,
@@ -50,7 +51,7 @@ class Allocated:
 
 def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False, *,
                         calibration: CalibrationSet | None = None, allocated: Allocated | None = None,
-                        activation_cache: Path | None = None) -> dict:
+                        activation_cache: Path | None = None, source: ModelSource | None = None) -> dict:
     """Prune ``config.model`` as ``config`` says and write the checkpoint folder ``out``.
 
     Returns the manifest written to ``out/neuroal.json``. Bad input raises ``UserError`` before
@@ -61,9 +62,29 @@ def prune_to_checkpoint(config: PruneConfig, out: Path, overwrite: bool = False,
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists; choose another --out or pass --overwrite")
     model, tokenizer, manifest = prune_in_memory(config, calibration=calibration, allocated=allocated,
-                                                 activation_cache=activation_cache)
+                                                 activation_cache=activation_cache, source=source)
     plot = {ALLOCATION_PNG: lambda path: plot_allocation(manifest, path)}
     return save_checkpoint(model, tokenizer, manifest, out, overwrite=overwrite, extras=plot)
+
+
+def check_config(config: PruneConfig, source: ModelSource | None = None) -> ModelSource:
+    """Every check of a cell that loads no weights: names, N:M, counts, device, the model spec, its
+    config (a causal LM, remote code, context length) and weight files (truncated, pickled).
+
+    Args:
+        config: The cell.
+        source: ``config.model`` already resolved (a campaign checks many cells of one model).
+
+    Returns:
+        The resolved model source. Raises ``UserError`` naming the problem.
+    """
+    cell = _Cell.of(config, source)
+    model_config = load_config(cell.source, config.trust_remote_code)
+    check_weights(cell.source, config.allow_pickle)
+    if cell.reads_data:
+        _check_context(model_config, config.seqlen)
+        _check_documents(load_tokenizer(cell.source, config.trust_remote_code), config.calib, config.seqlen)
+    return cell.source
 
 
 def reads_calibration(config: PruneConfig) -> bool:
@@ -83,7 +104,7 @@ def calibrate(config: PruneConfig) -> CalibrationSet | None:
 def allocate(config: PruneConfig, calibration: CalibrationSet | None, activation_cache: Path | None = None) -> Allocated:
     """The allocation stage alone: load the model and run the top-up's allocator."""
     cell = _Cell.of(config)
-    model, _ = load_model(cell.source, cell.dtype, config.trust_remote_code)
+    model, _ = cell.load()
     return cell.allocate(model, calibration, activation_cache)
 
 
@@ -94,24 +115,26 @@ def cache_dense_activations(config: PruneConfig, calibration: CalibrationSet, fo
     cell = _Cell.of(config)
     if not (cell.top.searches and config.neuroal_mode == "dense"):
         return None
-    model, _ = load_model(cell.source, cell.dtype, config.trust_remote_code)
+    model, _ = cell.load()
     search_ids = calibration.search_set(config.search_nsamples)
     cache = dense_cache_file(folder, cell.source.digest, cell.method, search_ids, model, cell.device)
     return cache_dense_statistics(model, cell.method, search_ids, cell.device, cache, config.batch_size)
 
 
 def prune_in_memory(config: PruneConfig, *, calibration: CalibrationSet | None = None,
-                    allocated: Allocated | None = None, activation_cache: Path | None = None):
+                    allocated: Allocated | None = None, activation_cache: Path | None = None,
+                    source: ModelSource | None = None):
     """Load and prune ``config.model``; returns ``(model, tokenizer, manifest)`` without saving.
 
     ``calibration`` and ``allocated``, when given, are the results of the earlier stages for this
     same config (``calibrate``, ``allocate``) and are used instead of being computed again.
     ``activation_cache`` is the folder of dense-model statistics (default: the neuroal cache).
+    ``source`` is ``config.model`` already resolved (``check_config`` returns it).
     """
-    cell = _Cell.of(config)
+    cell = _Cell.of(config, source)
     timings: dict[str, float] = {}
     with timed(timings, "load"):
-        model, tokenizer = load_model(cell.source, cell.dtype, config.trust_remote_code)
+        model, tokenizer = cell.load()
     if cell.reads_data:
         _check_context(model.config, config.seqlen)
     if calibration is None and cell.reads_data:
@@ -142,6 +165,7 @@ def prune_in_memory(config: PruneConfig, *, calibration: CalibrationSet | None =
         "device": str(cell.device),
         "dtype": str(cell.dtype).removeprefix("torch."),
         "versions": _versions(),
+        "results_version": neuroal.RESULTS_VERSION,
         "timings": timings,
     }
     return model, tokenizer, manifest
@@ -161,8 +185,9 @@ class _Cell:
     source: ModelSource
 
     @classmethod
-    def of(cls, config: PruneConfig) -> "_Cell":
-        """Check ``config`` (cheap checks first, then the model spec) and resolve it."""
+    def of(cls, config: PruneConfig, source: ModelSource | None = None) -> "_Cell":
+        """Check ``config`` (cheap checks first, then the model spec) and resolve it (unless
+        ``source`` is given)."""
         method, top = base_method(config.method), top_up(config.top_up)
         structure = _check_structure(config)
         reads_data = needs_calibration(method, top)
@@ -173,7 +198,12 @@ class _Cell:
                             "the search set is the first windows of the calibration set")
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        return cls(config, method, top, structure, reads_data, device, dtype, resolve_model(config.model))
+        return cls(config, method, top, structure, reads_data, device, dtype, source or resolve_model(config.model))
+
+    def load(self):
+        """``(model, tokenizer)`` of the cell's source, with its dtype and trust settings."""
+        c = self.config
+        return load_model(self.source, self.dtype, c.trust_remote_code, allow_pickle=c.allow_pickle)
 
     def calibrate(self, tokenizer) -> CalibrationSet:
         c = self.config
@@ -218,6 +248,17 @@ def _check_context(model_config, seqlen: int) -> None:
     context = context_length(model_config)
     if context is not None and seqlen > context:
         raise UserError(f"seqlen {seqlen} is longer than the model's context of {context} tokens; lower --seqlen")
+
+
+def _check_documents(tokenizer, corpus: str, seqlen: int) -> None:
+    """A calibration window is cut from one train document longer than ``seqlen`` tokens: one must exist."""
+    longest = 0
+    for document in load_documents(corpus, "train"):
+        longest = max(longest, len(tokenizer(document)["input_ids"]))
+        if longest > seqlen:
+            return
+    raise UserError(f"no {corpus!r} train document is longer than --seqlen {seqlen} tokens (the longest has "
+                    f"{longest}); use a smaller --seqlen or another corpus")
 
 
 def _versions() -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from neuroal import RESULTS_VERSION
 from neuroal.checkpoint import MANIFEST, read_manifest
 from neuroal.config import EvalConfig, PruneConfig
 from neuroal.data import load_calibration, save_calibration
@@ -105,7 +106,7 @@ def allocate(config: PruneConfig, calibration: Ref | None, cache: Path) -> Ref:
     from neuroal.pruning import load_allocation, save_allocation
 
     key = json_digest({"config": config.model_dump(), "model": resolve_model(config.model).digest,
-                       "calibration": calibration.digest if calibration else None})
+                       "calibration": calibration.digest if calibration else None, "results": RESULTS_VERSION})
     path = Path(cache) / "allocations" / f"{key[:32]}.safetensors"
     if load_allocation(path) is None:
         allocated = compute(config, _calibration(calibration), Path(cache) / "activations")
@@ -135,11 +136,13 @@ def prune(config: PruneConfig, calibration: Ref | None, allocation: Ref, out: Pa
 
 
 @task(name="evaluate", task_run_name="evaluate-{name}", **COMPUTE)
-def evaluate(model: str, settings: EvalConfig, out: Path, name: str, model_digest: str) -> dict:
+def evaluate(model: str, settings: EvalConfig, out: Path, name: str, model_digest: str,
+             trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
     """Perplexity and zero-shot metrics of a model or checkpoint, stored as JSON beside it.
 
     ``model_digest`` names the weights evaluated (checkpoint files or source model): a metrics file
-    made from other weights or other settings is recomputed.
+    made from other weights or other settings is recomputed. ``trust_remote_code`` and
+    ``allow_pickle`` are the campaign's ``prune`` settings of the same names.
     """
     from neuroal.evaluation.evaluate import EvalSpec
     from neuroal.evaluation.evaluate import evaluate as compute
@@ -154,7 +157,8 @@ def evaluate(model: str, settings: EvalConfig, out: Path, name: str, model_diges
         except (OSError, ValueError):
             pass  # unreadable: recompute
     spec = EvalSpec(model=model, ppl=tuple(settings.ppl), tasks=tuple(settings.tasks), limit=settings.limit,
-                    batch_size=settings.batch_size, seqlen=settings.seqlen, online=settings.online)
+                    batch_size=settings.batch_size, seqlen=settings.seqlen, online=settings.online,
+                    trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     metrics = {"key": key, **compute(spec)}
     write_json_atomic(out, metrics)
     return metrics
@@ -170,7 +174,8 @@ def _calibration(ref: Ref | None):
 
 
 def _checkpoint_matches(out: Path, config: PruneConfig, source_digest: str, calibration: Ref | None) -> bool:
-    """Whether ``out`` is a complete checkpoint of this very cell (config, model, calibration)."""
+    """Whether ``out`` is a complete checkpoint of this very cell (config, model, calibration,
+    and code that prunes the same way)."""
     if not (out / MANIFEST).is_file():
         return False
     try:
@@ -180,4 +185,5 @@ def _checkpoint_matches(out: Path, config: PruneConfig, source_digest: str, cali
         return False
     stored_calibration = (manifest.get("calibration") or {}).get("digest")
     return (manifest.get("config") == config.model_dump() and manifest["source"]["digest"] == source_digest
-            and stored_calibration == (calibration.digest if calibration else None))
+            and stored_calibration == (calibration.digest if calibration else None)
+            and manifest.get("results_version") == RESULTS_VERSION)

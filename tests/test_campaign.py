@@ -91,6 +91,11 @@ def test_campaign_tracks_versions_and_reuses(workspace, monkeypatch, capsys):
     subprocess.run(["rm", "-rf", str(victim)], check=True)
     assert main(["campaign"]) == 0
     assert len(prunes) == 5 and json.loads((victim / "neuroal.json").read_text())["files"] == json.loads(before)["files"]
+    # A checkpoint made by code that pruned differently (an older results version) is made again.
+    manifest = json.loads((victim / "neuroal.json").read_text())
+    (victim / "neuroal.json").write_text(json.dumps({**manifest, "results_version": manifest["results_version"] - 1}))
+    assert main(["campaign"]) == 0
+    assert len(prunes) == 6
 
 
 def test_a_flaky_task_is_retried_and_a_failing_cell_fails_the_campaign_only(workspace, monkeypatch, capsys):
