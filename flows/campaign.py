@@ -3,6 +3,10 @@ one MLflow parent run, checkpoints versioned with DVC, and a comparison table at
 
 Cells run in this process (``executor: local``) or on a Prefect work pool through
 ``run_deployment`` (``executor: pool``), so N workers on N machines share one campaign.
+
+Tracking never holds up the compute: when the MLflow server cannot be reached at the start, the
+cells still run and keep their checkpoints, and the campaign fails at the end saying so; run it
+again once the server is back and the cells are logged from their caches, without pruning.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ from prefect import flow
 from prefect.states import State
 
 from flows.prune_cell import prune_cell
-from neuroal.config import CampaignConfig, CampaignSettings, EvalConfig
+from neuroal.config import CampaignConfig
 from neuroal.files import write_json_atomic
 from neuroal.models import resolve_model
 from neuroal.report import comparison_table
 from tasks import cells
-from tasks.tracking import finish_campaign, flatten, log_cell, start_campaign
+from tasks.tracking import TrackingUnavailable, finish_campaign, flatten, log_cell, start_campaign
 from tasks.versioning import ensure_dvc_repo, git_revision
 
 logger = logging.getLogger(__name__)
@@ -40,22 +44,44 @@ def campaign(config: CampaignConfig, root: str = ".") -> dict:
     settings, start = config.campaign, time.perf_counter()
     if settings.dvc:
         ensure_dvc_repo(Path(root))
-    parent = start_campaign(settings.experiment, flatten(config.model_dump()), settings.artifact_location,
-                            tags={"git_revision": git_revision(Path(root)) or ""})
-    baselines = [_baseline(model, config.eval, settings, parent) for model in config.models()] if settings.baseline else []
+    problems = []  # what fails the campaign once every cell has run
+    try:
+        parent = start_campaign(settings.experiment, flatten(config.model_dump()), settings.artifact_location,
+                                tags={"git_revision": git_revision(Path(root)) or ""})
+    except TrackingUnavailable as exc:
+        logger.error("%s; the cells run untracked", exc)
+        parent, problems = None, [f"{exc} The checkpoints are kept: run the campaign again to log them"]
+    baselines = [_baseline(model, config, parent) for model in config.models()] if settings.baseline else []
     states = _run_cells(config, parent, root)
     done = [s.result() for s in states.values() if s.is_completed()]
-    failed = [name for name, s in states.items() if not s.is_completed()]
+    failed = {name: _reason(s) for name, s in states.items() if not s.is_completed()}
     corpus = config.eval.ppl[0] if config.eval.ppl else None
     table = comparison_table(done, baselines, corpus) if corpus else ""
-    results = {"cells": done, "baselines": baselines, "failed": failed, "table": table,
+    results = {"cells": done, "baselines": baselines, "failed": list(failed), "table": table,
                "seconds": round(time.perf_counter() - start, 3), "mlflow_parent_run_id": parent}
     write_json_atomic(Path(settings.out) / RESULTS, results)
-    finish_campaign(parent, "FAILED" if failed else "FINISHED")
     logger.info("campaign results:\n%s", table)
     if failed:
-        raise CampaignFailed(f"{len(failed)} of {len(states)} cells failed: {', '.join(failed)}")
+        problems.insert(0, f"{len(failed)} of {len(states)} cells failed: "
+                           + "; ".join(f"{name} ({reason})" for name, reason in failed.items()))
+    if parent:
+        try:
+            finish_campaign(parent, "FAILED" if problems else "FINISHED")
+        except TrackingUnavailable as exc:
+            problems.append(str(exc))
+    if problems:
+        raise CampaignFailed(" ".join(problems))
     return results
+
+
+def _reason(state: State) -> str:
+    """Why a cell failed, on one line: its exception, else Prefect's state message."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - a pool worker's result may not be readable here
+        error = None
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else state.message or state.name
+    return " ".join(str(text).split())
 
 
 def _run_cells(config: CampaignConfig, parent: str, root: str) -> dict[str, State]:
@@ -89,15 +115,18 @@ def _run_on_pool(config: CampaignConfig, parent: str) -> dict[str, State]:
         return {name: future.result() for name, future in futures.items()}
 
 
-def _baseline(model: str, evaluation: EvalConfig, settings: CampaignSettings, parent: str) -> dict:
-    """The dense model evaluated like the cells, as its own MLflow run."""
-    name = f"{cells.model_slug(model)}-dense"
+def _baseline(model: str, config: CampaignConfig, parent: str | None) -> dict:
+    """The dense model evaluated like the cells, as its own MLflow run (when tracked)."""
+    name, evaluation, out = f"{cells.model_slug(model)}-dense", config.eval, Path(config.campaign.out)
     source = resolve_model(model)
-    metrics = cells.evaluate(model, evaluation, Path(settings.out) / "metrics" / f"{name}.json", name, source.digest)
-    log_cell(parent, name, params=flatten({"prune": {"model": model}, "eval": evaluation.model_dump()}),
-             metrics={"ppl": metrics["ppl"], "tasks": metrics["tasks"]},
-             artifacts=[str(Path(settings.out) / "metrics" / f"{name}.json")],
-             tags={"kind": "baseline", "model_digest": source.digest}, run_key=f"{name}:{metrics['key']}")
+    metrics = cells.evaluate(model, evaluation, out / "metrics" / f"{name}.json", name, source.digest,
+                             trust_remote_code=bool(config.prune.get("trust_remote_code")),
+                             allow_pickle=bool(config.prune.get("allow_pickle")))
+    if parent:
+        log_cell(parent, name, params=flatten({"prune": {"model": model}, "eval": evaluation.model_dump()}),
+                 metrics={"ppl": metrics["ppl"], "tasks": metrics["tasks"]},
+                 artifacts=[str(out / "metrics" / f"{name}.json")],
+                 tags={"kind": "baseline", "model_digest": source.digest}, run_key=f"{name}:{metrics['key']}")
     return {"name": name, "model": model, "metrics": metrics}
 
 

@@ -48,10 +48,9 @@ def add_campaign_command(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load params.yaml with the flags' overrides, check the models, run the campaign flow."""
+    """Load params.yaml with the flags' overrides, check every cell, run the campaign flow."""
     from neuroal.config import load_campaign
     from neuroal.errors import UserError
-    from neuroal.models import resolve_model
 
     overrides = {}
     for flag, (key, parse) in _OVERRIDES.items():
@@ -64,16 +63,16 @@ def run(args: argparse.Namespace) -> int:
     if args.no_dvc:
         overrides["campaign.dvc"] = False
     config = load_campaign(args.params, **overrides)
-    for model in config.models():
-        resolve_model(model)  # a missing model fails here, before anything is tracked or written
+    check_campaign(config)  # bad input fails here, before anything is tracked or written
 
     # Offline by design: a temporary Prefect server must not try to send usage telemetry.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.campaign import CampaignFailed, campaign
+    from tasks.tracking import TrackingUnavailable
 
     try:
         results = campaign(config, root=str(Path.cwd()))
-    except CampaignFailed as exc:
+    except (CampaignFailed, TrackingUnavailable) as exc:  # not bad input (exit 2), but one line all the same
         print(f"neuroal: campaign failed: {exc}", file=sys.stderr)
         return 1
     if not overrides and config.campaign.dvc and _is_declared_stage(args.params):
@@ -83,6 +82,24 @@ def run(args: argparse.Namespace) -> int:
     print(results["table"])
     print(f"results: {Path(config.campaign.out) / 'results.json'} ({results['seconds']:.0f} s)")
     return 0
+
+
+def check_campaign(config) -> None:
+    """Every check of every cell and of the evaluation that loads no weights (``check_config``,
+    ``check_eval``); raises ``UserError`` for the first problem."""
+    from neuroal.evaluation.evaluate import EvalSpec, check_eval
+    from neuroal.models import resolve_model
+    from neuroal.pipeline import check_config
+
+    sources = {model: resolve_model(model) for model in config.models()}
+    for cell in config.cells():
+        check_config(cell, sources[cell.model])
+    trust = {key: bool(config.prune.get(key)) for key in ("trust_remote_code", "allow_pickle")}
+    evaluation = config.eval
+    for model, source in sources.items():
+        check_eval(EvalSpec(model=model, ppl=tuple(evaluation.ppl), tasks=tuple(evaluation.tasks),
+                            limit=evaluation.limit, batch_size=evaluation.batch_size, seqlen=evaluation.seqlen,
+                            online=evaluation.online, **trust), source)
 
 
 def add_report_command(commands) -> None:

@@ -39,7 +39,8 @@ def prune_cell(cell: PruneConfig, evaluation: EvalConfig, settings: CampaignSett
     cells.cache_dense_activations(cell, calibration, cache)
     allocation = cells.allocate(cell, calibration, cache)
     checkpoint = cells.prune(cell, calibration, allocation, out / "checkpoints" / name)
-    metrics = cells.evaluate(checkpoint.path, evaluation, out / "metrics" / f"{name}.json", name, checkpoint.digest)
+    metrics = cells.evaluate(checkpoint.path, evaluation, out / "metrics" / f"{name}.json", name, checkpoint.digest,
+                             trust_remote_code=cell.trust_remote_code)
     summary = {"name": name, "model": cell.model, "method": cell.method, "top_up": cell.top_up,
                "sparsity": cell.sparsity, "checkpoint": checkpoint.path, "metrics": metrics,
                "dvc_hash": dvc_track(Path(checkpoint.path), Path(root)) if settings.dvc else None}

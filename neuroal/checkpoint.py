@@ -1,7 +1,8 @@
 """Pruned checkpoints: a Hugging Face model folder plus ``neuroal.json``, written atomically.
 
 The folder is built under a temporary name beside the destination and renamed into place, so a
-reader sees either no folder or a complete one.
+reader sees either no folder or a complete one; what a killed writer left is removed by the next
+save to the same destination.
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from neuroal.digests import file_digest, weight_files
+from neuroal.digests import file_digest, pickle_weight_files, weight_files
 from neuroal.errors import UserError
-from neuroal.files import replace_folder
+from neuroal.files import remove_stale_temporaries, replace_folder, temporary_path
 
 MANIFEST = "neuroal.json"
 
@@ -30,7 +30,9 @@ def save_checkpoint(model, tokenizer, manifest: dict, out: Path, overwrite: bool
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = temporary_path(out)
+    tmp.mkdir()
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -48,15 +50,26 @@ def save_checkpoint(model, tokenizer, manifest: dict, out: Path, overwrite: bool
 
 
 def read_manifest(folder: Path, verify: bool = True) -> dict:
-    """Read a checkpoint's manifest; with ``verify``, refuse weights whose digest changed."""
+    """Read a checkpoint's manifest; with ``verify``, refuse a checkpoint whose weight files are not
+    exactly the recorded ones with their recorded digests."""
     path = Path(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{folder} is not a readable neuroal checkpoint ({MANIFEST}: {exc})") from None
     if verify:
-        for name, digest in manifest.get("files", {}).items():
-            weights = Path(folder) / name
-            if not weights.is_file() or file_digest(weights) != digest:
-                raise UserError(f"checkpoint {folder} is corrupt: {name} does not match its recorded digest")
+        _verify_weights(Path(folder), manifest)
     return manifest
+
+
+def _verify_weights(folder: Path, manifest: dict) -> None:
+    recorded = manifest.get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        raise UserError(f"checkpoint {folder} is corrupt: {MANIFEST} records no weight digests")
+    present = {p.name for p in weight_files(folder) + pickle_weight_files(folder)}
+    for name in sorted(present - set(recorded)):
+        raise UserError(f"checkpoint {folder} is corrupt: {name} is not one of its recorded weight files")
+    for name, digest in recorded.items():
+        weights = folder / name
+        if not weights.is_file() or file_digest(weights) != digest:
+            raise UserError(f"checkpoint {folder} is corrupt: {name} does not match its recorded digest")

@@ -14,6 +14,7 @@ from neuroal.files import write_json_atomic
 from neuroal.progress import show_progress
 
 EXIT_USAGE = 2
+_ALLOW_PICKLE = "load pickled .bin weights when a model has no safetensors (unpickling can run code)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +55,7 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=defaults["device"].default, help="auto, cpu or cuda[:N]")
     p.add_argument("--dtype", default=defaults["dtype"].default, help="auto, float32, bfloat16 or float16")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
+    p.add_argument("--allow-pickle", action="store_true", help=_ALLOW_PICKLE)
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(handler=_prune)
@@ -75,17 +77,21 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
+    p.add_argument("--allow-pickle", action="store_true", help=_ALLOW_PICKLE)
     p.add_argument("--out", type=Path, help="metrics JSON file to write")
     p.set_defaults(handler=_eval)
 
 
 def _prune(args: argparse.Namespace) -> int:
     from neuroal.config import PruneConfig, validated
-    from neuroal.pipeline import prune_to_checkpoint
+    from neuroal.pipeline import check_config, prune_to_checkpoint
 
     fields = {k: v for k, v in vars(args).items() if k in PruneConfig.model_fields}
     config = validated(PruneConfig, **fields)
-    manifest = prune_to_checkpoint(config, args.out, overwrite=args.overwrite)
+    if args.out.exists() and not args.overwrite:
+        raise UserError(f"output {args.out} already exists; choose another --out or pass --overwrite")
+    source = check_config(config)  # every input problem, before the work and its progress bars
+    manifest = prune_to_checkpoint(config, args.out, overwrite=args.overwrite, source=source)
     summary = {k: manifest[k] for k in ("method", "top_up", "target_sparsity", "achieved_sparsity", "timings")}
     print(json.dumps({"out": str(args.out), **summary}, indent=1))
     return 0
@@ -97,7 +103,7 @@ def _eval(args: argparse.Namespace) -> int:
     spec = EvalSpec(
         model=args.model, ppl=_names(args.ppl), tasks=_names(args.tasks), limit=args.limit,
         batch_size=args.batch_size, seqlen=args.seqlen, device=args.device, dtype=args.dtype,
-        online=args.online, trust_remote_code=args.trust_remote_code,
+        online=args.online, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
     )
     metrics = evaluate(spec)
     if args.out:

@@ -37,6 +37,7 @@ class PruneConfig(BaseModel):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load pickled .bin weights (unpickling can run code)
 
 
 def validated(cls: type[BaseModel], **values) -> BaseModel:

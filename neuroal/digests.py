@@ -23,9 +23,15 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("*.safetensors"))
 
 
+def pickle_weight_files(folder: Path) -> list[Path]:
+    """The pickled (PyTorch ``.bin``) weight files of a model folder, sorted by name."""
+    return sorted(Path(folder).glob("*.bin"))
+
+
 def weights_digest(folder: Path) -> str:
-    """One digest over a folder's safetensors files (names and contents)."""
-    return json_digest({p.name: file_digest(p) for p in weight_files(folder)})
+    """One digest over the weight files a folder's model loads from (names and contents): its
+    safetensors files, or its pickled ones when it has no safetensors."""
+    return json_digest({p.name: file_digest(p) for p in weight_files(folder) or pickle_weight_files(folder)})
 
 
 def json_digest(value) -> str:

@@ -2,6 +2,8 @@
 
 Every output is written to a temporary file beside its destination and renamed into place, so a
 reader (or a process killed half-way) sees the old file, the new one, or none; never half of one.
+Temporary names carry the writer's host and process id: what a killed writer left behind is
+removed by the next write to the same destination.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
-import tempfile
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,18 +23,53 @@ from neuroal.digests import json_digest
 
 logger = logging.getLogger(__name__)
 
+# In temporary names: a file system shared between machines must not take another host's live
+# writer for a dead one. Dashes become dots so that the name splits back unambiguously.
+_HOST = re.sub(r"[^A-Za-z0-9.]", ".", socket.gethostname()) or "host"
+
+
+def temporary_path(out: Path, kind: str = "tmp") -> Path:
+    """A fresh name beside ``out`` for a file or folder that becomes ``out`` (``kind`` tmp) or holds
+    the one it replaces (``old``); see :func:`remove_stale_temporaries`."""
+    out = Path(out)
+    return out.parent / f".{out.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary files and folders of ``out`` whose writer died (``kill -9``, a crash):
+    those named by :func:`temporary_path` on this host for a process that no longer runs.
+
+    Returns what was removed. Writers on other hosts (a shared file system) are left alone.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{12}}")
+    removed = []
+    for entry in out.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and not _running(int(match.group(1))):
+            logger.warning("removing %s, left by an interrupted write of %s", entry, out)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path)
+    tmp = temporary_path(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with open(tmp, "x", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -41,7 +79,8 @@ def staged_folder(out: Path) -> Iterator[Path]:
     block ends without an error, removed when it raises."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    remove_stale_temporaries(out)
+    tmp = temporary_path(out)
     tmp.mkdir()  # not mkdtemp: its 0700 would stay on the folder after the rename; mkdir follows the umask
     try:
         yield tmp
@@ -55,10 +94,22 @@ def staged_folder(out: Path) -> Iterator[Path]:
 
 def replace_folder(tmp: Path, out: Path) -> None:
     """Swap a finished folder in for an existing one; the old one is removed after the swap."""
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = temporary_path(out, "old")
+    old.mkdir()
     os.replace(out, old / out.name)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id runs on this host (a pid reused since only keeps a leftover)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def write_json_atomic(path: Path, payload) -> None:
@@ -93,13 +144,13 @@ def write_tensors_atomic(path: Path, tensors: dict, metadata: dict[str, str] | N
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    remove_stale_temporaries(path)
+    tmp = temporary_path(path)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -10,7 +10,17 @@ from neuroal.data import get_corpus
 from neuroal.errors import UserError
 from neuroal.evaluation.perplexity import eval_windows, perplexity
 from neuroal.evaluation.zeroshot import PAPER_TASKS, lm_eval_version, zero_shot
-from neuroal.models import context_length, load_model, resolve_device, resolve_dtype, resolve_model
+from neuroal.models import (
+    ModelSource,
+    check_weights,
+    context_length,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
 from neuroal.timing import timed
 
 logger = logging.getLogger(__name__)
@@ -33,6 +43,7 @@ class EvalSpec:
         device, dtype: As for ``neuroal prune`` (``auto``: the GPU if any; float32 on CPU).
         online: Use lm-eval's registered (hub) tasks instead of the offline copies.
         trust_remote_code: Run code shipped with a hub model.
+        allow_pickle: Load pickled ``.bin`` weights when the model has no safetensors.
     """
 
     model: str
@@ -45,6 +56,7 @@ class EvalSpec:
     dtype: str = "auto"
     online: bool = False
     trust_remote_code: bool = False
+    allow_pickle: bool = False
 
 
 def evaluate(spec: EvalSpec) -> dict:
@@ -59,14 +71,15 @@ def evaluate(spec: EvalSpec) -> dict:
     manifest = read_manifest(source.folder) if (source.folder / MANIFEST).is_file() else None
     timings: dict[str, float] = {}
     with timed(timings, "load"):
-        model, tokenizer = load_model(source, resolve_dtype(spec.dtype, device), spec.trust_remote_code)
+        model, tokenizer = load_model(source, resolve_dtype(spec.dtype, device), spec.trust_remote_code,
+                                      allow_pickle=spec.allow_pickle)
         model.to(device)
-    seqlen = spec.seqlen or min(DEFAULT_SEQLEN, context_length(model.config) or DEFAULT_SEQLEN)
+    seqlen = _seqlen(spec, model.config)
 
     ppl = {}
     for corpus in spec.ppl:
         with timed(timings, f"ppl.{corpus}"):
-            windows = eval_windows(tokenizer, corpus, seqlen, spec.limit)
+            windows = _windows(tokenizer, corpus, seqlen, spec.limit)
             ppl[corpus] = perplexity(model, windows, device, spec.batch_size)
         logger.info("perplexity on %s (%d x %d tokens): %.3f", corpus, windows.shape[0], seqlen, ppl[corpus])
     tasks = {}
@@ -98,6 +111,46 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def check_eval(spec: EvalSpec, source: ModelSource | None = None) -> ModelSource:
+    """Every check of an evaluation that loads no weights: names, counts, device, the model spec,
+    its config and weight files, and a perplexity window that every corpus's test split can fill.
+
+    Args:
+        spec: The evaluation.
+        source: ``spec.model`` already resolved.
+
+    Returns:
+        The resolved model source. Raises ``UserError`` naming the problem.
+    """
+    _check(spec)
+    resolve_device(spec.device)
+    source = source or resolve_model(spec.model)
+    seqlen = _seqlen(spec, load_config(source, spec.trust_remote_code))
+    check_weights(source, spec.allow_pickle)
+    if spec.ppl:
+        tokenizer = load_tokenizer(source, spec.trust_remote_code)
+        for corpus in spec.ppl:
+            _windows(tokenizer, corpus, seqlen, limit=1)
+    return source
+
+
+def _seqlen(spec: EvalSpec, model_config) -> int:
+    """The perplexity window: ``spec.seqlen``, which must fit the model, else the default capped."""
+    context = context_length(model_config)
+    if spec.seqlen and context and spec.seqlen > context:
+        raise UserError(f"--seqlen {spec.seqlen} is longer than the model's context of {context} tokens; "
+                        "lower --seqlen")
+    return spec.seqlen or min(DEFAULT_SEQLEN, context or DEFAULT_SEQLEN)
+
+
+def _windows(tokenizer, corpus: str, seqlen: int, limit: int | None):
+    windows = eval_windows(tokenizer, corpus, seqlen, limit)
+    if windows.shape[0] == 0:
+        raise UserError(f"the {corpus!r} test split is shorter than one --seqlen {seqlen} window; "
+                        "lower --seqlen or choose another corpus")
+    return windows
+
+
 def _check(spec: EvalSpec) -> None:
     """Fail on bad input before the slow model load."""
     for corpus in spec.ppl:
@@ -110,3 +163,5 @@ def _check(spec: EvalSpec) -> None:
         value = getattr(spec, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if spec.seqlen == 1:
+        raise UserError("--seqlen must be at least 2: a perplexity window predicts each token from the ones before")

@@ -12,6 +12,7 @@ from neuroal.models.architectures import (
 from neuroal.models.loading import (
     ALIASES,
     ModelSource,
+    check_weights,
     context_length,
     load_config,
     load_model,
@@ -28,6 +29,7 @@ __all__ = [
     "ModelSource",
     "architecture_of",
     "block_linears",
+    "check_weights",
     "context_length",
     "decoder_blocks",
     "linears_by_block",

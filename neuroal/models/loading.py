@@ -11,15 +11,15 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from neuroal.digests import file_digest, weight_files, weights_digest
+from neuroal.digests import file_digest, pickle_weight_files, weight_files, weights_digest
 from neuroal.errors import UserError
+from neuroal.files import remove_stale_temporaries, temporary_path
 from neuroal.paths import cache_dir, package_file
 
 logger = logging.getLogger(__name__)
@@ -96,19 +96,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               allow_pickle: bool = False):
     """Load a resolved model on the CPU; work is moved to the compute device block by block.
 
-    Returns ``(model, tokenizer)`` with the model in eval mode and the KV cache off.
+    Weights are read from safetensors files; pickled ``.bin`` weights only with ``allow_pickle``
+    (unpickling can run code). Returns ``(model, tokenizer)`` with the model in eval mode and the
+    KV cache off.
     """
     from transformers import AutoModelForCausalLM
 
-    folder = _check_folder(source)
-    if not weight_files(folder):
-        raise UserError(f"{source.spec} has no safetensors weights (pickled .bin weights are not loaded)")
+    config = load_config(source, trust_remote_code)
+    safe = check_weights(source, allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            source.folder, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=safe
         )
     except _LOAD_ERRORS as exc:
         raise UserError(f"cannot load model {source.spec}: {_first_line(exc)}") from None
@@ -128,19 +130,87 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False):
-    """The model config of a resolved model (no weights are read)."""
+    """The model config of a resolved model (no weights are read).
+
+    Raises ``UserError`` for a folder that is not a model, a model that is not a causal language
+    model, and one that needs the code shipped with it unless ``trust_remote_code``.
+    """
     from transformers import AutoConfig
 
+    folder = _check_folder(source)
+    if not trust_remote_code:
+        _refuse_remote_code(source)
     try:
-        return AutoConfig.from_pretrained(_check_folder(source), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except _LOAD_ERRORS as exc:
         raise UserError(f"cannot read the config of {source.spec}: {_first_line(exc)}") from None
+    _check_causal_lm(source, config)
+    return config
+
+
+def check_weights(source: ModelSource, allow_pickle: bool = False) -> bool:
+    """Check, without loading them, that a model's weight files can be loaded: safetensors files
+    whose headers cover the file (a truncated download fails here), or pickled ``.bin`` files
+    when ``allow_pickle``. Returns whether the weights are safetensors."""
+    from safetensors import safe_open
+
+    folder = _check_folder(source)
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as exc:
+            raise UserError(f"cannot load model {source.spec}: weight file {path.name} is truncated or corrupt "
+                            f"({_first_line(exc)}); download or convert it again") from None
+    if weight_files(folder):
+        return True
+    if not pickle_weight_files(folder):
+        raise UserError(f"{source.spec} has no weights: no .safetensors (or .bin) files in {folder}")
+    if source.kind == "hub":
+        raise UserError(f"hub model {source.spec} has no safetensors weights, and pickled weights are not "
+                        "downloaded; download it yourself and pass its folder with --allow-pickle if you trust it")
+    if not allow_pickle:
+        raise UserError(f"{source.spec} has only pickled .bin weights, and unpickling can run code; convert them "
+                        "to safetensors, or pass --allow-pickle (prune.allow_pickle) if you trust the model")
+    return False
 
 
 def _check_folder(source: ModelSource) -> Path:
     if not (source.folder / "config.json").is_file():
         raise UserError(f"{source.spec} is not a model folder: it has no config.json")
     return source.folder
+
+
+def _refuse_remote_code(source: ModelSource) -> None:
+    """A config with ``auto_map`` and a model type transformers does not know needs the Python
+    code shipped beside it; transformers would refuse with a hint at its own argument."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        raw = json.loads((source.folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the config of {source.spec}: config.json is not valid JSON ({exc})") from None
+    if isinstance(raw, dict) and raw.get("auto_map") and raw.get("model_type") not in CONFIG_MAPPING:
+        raise UserError(f"{source.spec} needs the code shipped with it (auto_map in its config.json); "
+                        "pass --trust-remote-code to run it, only for a model you trust")
+
+
+def _check_causal_lm(source: ModelSource, config) -> None:
+    """Refuse encoders (BERT) and encoder-decoders (T5): pruning assumes a decoder-only causal LM.
+
+    ``config.architectures`` names the classes the model was saved from; a model of a known type
+    saved as another head (``BertForMaskedLM``) would otherwise load as a causal LM with new weights.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    saved_as = list(getattr(config, "architectures", None) or [])
+    known = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "auto_map", None)
+    if known and (not saved_as or any(a in causal_classes or a.endswith("ForCausalLM") for a in saved_as)):
+        return
+    kind = ", ".join(saved_as) or config.model_type
+    raise UserError(f"{source.spec} is not a causal language model ({kind}); neuroal prunes decoder-only "
+                    "models such as LlamaForCausalLM")
 
 
 def context_length(model_config) -> int | None:
@@ -170,7 +240,9 @@ def _convert_gguf(gguf: Path, folder: Path, digest: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     logger.info("converting %s to safetensors (once; cached in %s)", gguf.name, folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    remove_stale_temporaries(folder)
+    tmp = temporary_path(folder)
+    tmp.mkdir()
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(
