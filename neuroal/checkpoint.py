@@ -8,13 +8,11 @@ save to the same destination.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from neuroal.digests import file_digest, pickle_weight_files, weight_files
 from neuroal.errors import UserError
-from neuroal.files import remove_stale_temporaries, replace_folder, temporary_path
+from neuroal.files import staged_folder
 
 MANIFEST = "neuroal.json"
 
@@ -29,23 +27,13 @@ def save_checkpoint(model, tokenizer, manifest: dict, out: Path, overwrite: bool
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    tmp = temporary_path(out)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         manifest = {**manifest, "files": {p.name: file_digest(p) for p in weight_files(tmp)}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         for name, write in (extras or {}).items():
             write(tmp / name)
-        if out.exists():
-            replace_folder(tmp, out)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

@@ -85,14 +85,14 @@ def staged_folder(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         if out.exists():
-            replace_folder(tmp, out)
+            _replace_folder(tmp, out)
         else:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def replace_folder(tmp: Path, out: Path) -> None:
+def _replace_folder(tmp: Path, out: Path) -> None:
     """Swap a finished folder in for an existing one; the old one is removed after the swap."""
     old = temporary_path(out, "old")
     old.mkdir()

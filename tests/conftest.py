@@ -78,3 +78,17 @@ FAMILIES = list(tiny_family_configs())
 def tiny_llama(tmp_path_factory, tokenizer) -> Path:
     """A 3-block random Llama with GQA, as a local model folder."""
     return save_tiny_model(tiny_llama_config(), tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """An MLflow client on one SQLite store per test module (creating its schema takes seconds);
+    tests use their own experiments in it."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)  # a SQLite store's default artifact root is ./mlruns
+        yield MlflowClient(uri)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
 
 from flows.prune_cell import _cell_metrics
 from neuroal.cli import main
@@ -30,17 +29,6 @@ DENSE_PPL = 25.4
 BLOCKS = 3
 MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> MlflowClient:
-    """One SQLite store for the module (its schema takes seconds); tests use their own experiments."""
-    folder = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(folder)  # a SQLite store's default artifact root is ./mlruns
-        yield MlflowClient(uri)
 
 
 @pytest.fixture(scope="module")

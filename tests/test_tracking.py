@@ -30,18 +30,6 @@ from tasks.tracking import (
 )
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> MlflowClient:
-    """One SQLite store for the module (creating its schema takes seconds); tests use their own
-    experiments in it."""
-    folder = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(folder)  # a SQLite store's default artifact root is ./mlruns
-        yield MlflowClient(uri)
-
-
 def children(client: MlflowClient, parent: str) -> list:
     experiment = client.get_run(parent).info.experiment_id
     return client.search_runs([experiment], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'")
