@@ -5,4 +5,6 @@ __version__ = "0.1.0"
 # Bump whenever a change alters the allocation or masks that a config produces: campaigns then
 # recompute the allocations and checkpoints that older code cached instead of reusing them.
 # 2: NeuroAl's coarse strategy searches in lambda (golden section), not in grid steps.
-RESULTS_VERSION = 2
+# 3: each block is replayed with its own layer type's mask and rotary embedding (sliding-window
+#    families); flattened MLP inputs (OPT) count samples, not batches.
+RESULTS_VERSION = 3

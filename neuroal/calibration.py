@@ -1,44 +1,63 @@
-"""Layer-sequential runner: capture the first decoder block's inputs once, then replay the model
-block by block, so each block can be measured and pruned with the inputs that the (already
+"""Layer-sequential runner: capture what the model gives each decoder block once, then replay the
+model block by block, so each block can be measured and pruned with the inputs that the (already
 pruned) blocks before it produce. Only one block needs to sit on the compute device at a time.
+
+Blocks of one model need not receive the same arguments: models with sliding-window and global
+layers (Gemma 2/3, Cohere2, GPT-OSS, Qwen with ``max_window_layers``, ...) build one attention mask
+and, in Gemma 3, one rotary embedding per layer type, and pass each block those of its own type.
+So the arguments are recorded per block, from one forward pass in which every block is a recorder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
+Call = tuple[tuple, dict]  # the positional (after the hidden states) and keyword arguments of one block call
+
 
 @dataclass
 class BlockInputs:
-    """What one decoder block receives for each calibration batch.
+    """What decoder block ``index`` receives for each calibration batch.
 
-    ``hidden`` holds one ``[batch, seqlen, hidden_size]`` tensor per batch on the compute device;
-    ``args``/``kwargs`` are the other arguments the model passed to its first block with that batch
-    (attention mask, position embeddings, ...), replayed unchanged to every block.
+    ``hidden`` holds one ``[batch, seqlen, hidden_size]`` tensor per batch on the compute device.
+    ``calls[b][i]`` are the other arguments (attention mask, position embeddings, ...) that the
+    model itself passed to block ``b`` with batch ``i``; they do not depend on the hidden states,
+    so they are replayed unchanged however the blocks before were pruned. ``block_ids`` are the
+    ``id()`` of the blocks, so that replaying a block out of order fails instead of feeding it
+    another block's arguments.
     """
 
     hidden: list[torch.Tensor]
-    args: list[tuple] = field(default_factory=list)
-    kwargs: list[dict] = field(default_factory=list)
+    calls: list[list[Call]]
+    block_ids: list[int]
+    index: int = 0
 
     @property
     def nsamples(self) -> int:
         return sum(h.shape[0] for h in self.hidden)
 
-    def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
-        return BlockInputs(hidden=hidden, args=self.args, kwargs=self.kwargs)
+    def batches(self, block: nn.Module) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
+        """``(hidden, args, kwargs)`` per batch for ``block``, which must be block ``index``."""
+        if id(block) != self.block_ids[self.index]:
+            raise RuntimeError(f"replay out of order: these are the inputs of block {self.index}")
+        for hidden, (args, kwargs) in zip(self.hidden, self.calls[self.index]):
+            yield hidden, args, kwargs
+
+    def next_block(self, hidden: list[torch.Tensor]) -> "BlockInputs":
+        """The next block's inputs: ``hidden`` (this block's outputs) with that block's arguments."""
+        return BlockInputs(hidden=hidden, calls=self.calls, block_ids=self.block_ids, index=self.index + 1)
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass at the first block."""
+    """Raised by the last block's recorder to stop the forward pass before the model's head."""
 
 
 class _Observed(Exception):
@@ -49,36 +68,61 @@ class _Observed(Exception):
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, device: torch.device, batch_size: int
 ) -> BlockInputs:
-    """Run the model up to its first block on every batch and keep what the block receives."""
-    captured = BlockInputs(hidden=[])
+    """Run the model on every batch with each block replaced by a recorder that keeps what the
+    model passes it and returns its hidden states unchanged; no block computes anything.
 
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.detach())
-        captured.args.append(tuple(args[1:]))
-        captured.kwargs.append(dict(kwargs))
-        raise _Captured
+    Returns block 0's hidden states and every block's own arguments.
+    """
+    hidden: list[torch.Tensor] = []
+    calls: list[list[Call]] = [[] for _ in blocks]
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            states = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                hidden.append(states.detach())
+            calls[index].append((tuple(args[1:]), dict(kwargs)))
+            if index == len(blocks) - 1:
+                raise _Captured
+            return states
+        return forward
+
+    with _recording(blocks, recorder), _onloaded_except(model, blocks, device):
+        for start in range(0, input_ids.shape[0], batch_size):
+            with contextlib.suppress(_Captured):
+                model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+    for index, block_calls in enumerate(calls):
+        if len(block_calls) != len(hidden):
+            raise RuntimeError(f"{type(model).__name__} did not call decoder block {index} on every batch")
+    return BlockInputs(hidden=hidden, calls=calls, block_ids=[id(b) for b in blocks])
+
+
+@contextlib.contextmanager
+def _recording(blocks: nn.ModuleList, recorder: Callable[[int], Callable]):
+    """Shadow each block's ``forward`` with ``recorder(index)``; an instance attribute wins over
+    the class method and keeps the block's own attributes (``attention_type``, ...) visible."""
+    saved = [block.__dict__.get("forward") for block in blocks]  # accelerate hooks patch forward too
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index)
     try:
-        with _onloaded_except(model, blocks, device):
-            for start in range(0, input_ids.shape[0], batch_size):
-                with contextlib.suppress(_Captured):
-                    model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+        yield
     finally:
-        handle.remove()
-    return captured
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     """Feed every batch through one block; its outputs are the next block's inputs."""
-    outputs = []
-    for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
-        out = block(hidden, *args, **kwargs)
-        # transformers 5 layers return a Tensor; older or custom ones a tuple (hidden, ...).
-        outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return inputs.with_hidden(outputs)
+    return inputs.next_block([_block_output(block(hidden, *args, **kwargs)) for hidden, args, kwargs in inputs.batches(block)])
+
+
+def _block_output(out) -> torch.Tensor:
+    # transformers 5 layers return a Tensor; older or custom ones a tuple (hidden, ...).
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
@@ -94,10 +138,13 @@ def observe_inputs(
     and the residual are never computed. Returns None.
     """
     seen: set[str] = set()
+    batch = [0]  # samples in the batch being run
 
     def hook(name):
         def observe_input(_module, args):
-            observe(name, args[0].detach())
+            # Some families flatten tokens before the MLP (OPT: [batch * tokens, in]); unflatten so
+            # that statistics count samples, not batches.
+            observe(name, args[0].detach().reshape(batch[0], -1, args[0].shape[-1]))
             seen.add(name)
             if not outputs and len(seen) == len(linears):
                 raise _Observed
@@ -105,13 +152,13 @@ def observe_inputs(
 
     handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
     try:
-        if outputs:
-            return run_block(block, inputs)
-        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+        outputs_by_batch = []
+        for hidden, args, kwargs in inputs.batches(block):
             seen.clear()
+            batch[0] = hidden.shape[0]
             with contextlib.suppress(_Observed):
-                block(hidden, *args, **kwargs)
-        return None
+                outputs_by_batch.append(_block_output(block(hidden, *args, **kwargs)))
+        return inputs.next_block(outputs_by_batch) if outputs else None
     finally:
         for h in handles:
             h.remove()

@@ -54,20 +54,34 @@ def save_tiny_model(config, tokenizer, folder: Path, seed: int = 0) -> Path:
 
 
 def tiny_family_configs(vocab_size: int = 128) -> dict:
-    """One tiny config per family of the architecture table, and one family not in it (Olmo)."""
+    """One tiny config per family of the architecture table, and families not in it (Olmo, Cohere2).
+
+    Sliding windows are 8 tokens, shorter than the tests' windows, and the families with layers of
+    two kinds mix them (Gemma 2/3 and Cohere2 start sliding, Qwen2 starts global), so a runner that
+    replays one block's attention mask or rotary embedding to another is caught.
+    """
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     llama_like = dict(**common, intermediate_size=48, num_key_value_heads=2)
+    gemma_like = dict(**llama_like, head_dim=8)  # Gemma's default head_dim is 256
+    window = dict(sliding_window=8)
+    sliding_then_global = dict(**window, layer_types=["sliding_attention", "full_attention"])
     return {
         "LlamaForCausalLM": tf.LlamaConfig(**llama_like),
-        "MistralForCausalLM": tf.MistralConfig(**llama_like),
-        "Qwen2ForCausalLM": tf.Qwen2Config(**llama_like),
+        "MistralForCausalLM": tf.MistralConfig(**llama_like, **window),
+        "Qwen2ForCausalLM": tf.Qwen2Config(**llama_like, **window, use_sliding_window=True, max_window_layers=1),
+        "Qwen3ForCausalLM": tf.Qwen3Config(**gemma_like),
+        "GemmaForCausalLM": tf.GemmaConfig(**gemma_like),
+        "Gemma2ForCausalLM": tf.Gemma2Config(**gemma_like, **sliding_then_global),
+        # Gemma 3 also has one rotary base per layer type (10k local, 1M global).
+        "Gemma3ForCausalLM": tf.Gemma3TextConfig(**gemma_like, **sliding_then_global),
         "PhiForCausalLM": tf.PhiConfig(**common, intermediate_size=48),
         "Phi3ForCausalLM": tf.Phi3Config(**common, intermediate_size=48, pad_token_id=0),
         "OPTForCausalLM": tf.OPTConfig(**common, ffn_dim=48, word_embed_proj_dim=32),
         "GPTNeoXForCausalLM": tf.GPTNeoXConfig(**common, intermediate_size=48),
         "OlmoForCausalLM": tf.OlmoConfig(**llama_like),  # not in the table: generic fallback
+        "Cohere2ForCausalLM": tf.Cohere2Config(**llama_like, **sliding_then_global),  # not in the table either
     }
 
 

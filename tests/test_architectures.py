@@ -1,8 +1,9 @@
-"""Every family of the architecture table (and one outside it) prunes end to end: the replay is
-exact, the saved weights reach the target, the checkpoint reloads and gives finite logits."""
+"""Every family of the architecture table (and two outside it) prunes end to end: the replay is
+exact per block (each block gets the mask and rotary embedding of its own layer type), the saved weights reach the target, the checkpoint reloads and gives finite logits."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,6 +13,8 @@ from conftest import FAMILIES, SMOLLM2_VOCAB, save_tiny_model, tiny_family_confi
 from neuroal.calibration import capture_block_inputs, run_block
 from neuroal.cli import main
 from neuroal.models import architecture_of, decoder_blocks, load_model, prunable_linears, resolve_model
+from neuroal.pruning.sequential import layer_sequential
+from neuroal.pruning.statistics import NORMS
 
 CPU = torch.device("cpu")
 
@@ -31,18 +34,77 @@ def final_norm(model):
     raise AssertionError(f"no final norm in {type(model).__name__}")
 
 
+SEQLEN = 32  # four times the tiny configs' sliding window of 8
+IDS = torch.randint(0, SMOLLM2_VOCAB, (4, SEQLEN), generator=torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_replay_is_exact(family_folders, family):
     model, _ = load_model(resolve_model(str(family_folders[family])))
-    ids = torch.randint(0, SMOLLM2_VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
     blocks = decoder_blocks(model)
-    inputs = capture_block_inputs(model, blocks, ids, CPU, batch_size=3)
+    inputs = capture_block_inputs(model, blocks, IDS, CPU, batch_size=2)
     for block in blocks:
         inputs = run_block(block, inputs)
     with torch.no_grad():
-        out = model(input_ids=ids, output_hidden_states=True)
-        replayed = final_norm(model)(inputs.hidden[0])
+        out = model(input_ids=IDS, output_hidden_states=True)
+        replayed = final_norm(model)(torch.cat(inputs.hidden))
     assert (replayed - out.hidden_states[-1]).abs().max().item() == 0.0
+
+
+def input_norms_by_whole_model_hooks(model, ids, batch_size) -> dict[str, torch.Tensor]:
+    """Independent computation: whole-model forwards with a hook on every linear of the blocks;
+    Wanda's per-column input norm ``sqrt(sum over samples and tokens of x^2 / samples)``."""
+    squares: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def add(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            squares[name] = squares.get(name, 0) + (x * x).sum(dim=0)
+        return add
+
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in prunable_linears(model).items()]
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[start : start + batch_size])
+    for h in handles:
+        h.remove()
+    return {name: torch.sqrt(total / ids.shape[0]) for name, total in squares.items()}
+
+
+def input_norms_by_runner(model, ids, batch_size) -> dict[str, torch.Tensor]:
+    return {f"{step.prefix}.{name}": stats.norms()
+            for step in layer_sequential(model, ids, CPU, batch_size, frozenset((NORMS,)))
+            for name, stats in step.stats.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runner_statistics_equal_whole_model_hooks(family_folders, family):
+    model, _ = load_model(resolve_model(str(family_folders[family])))
+    expected = input_norms_by_whole_model_hooks(model, IDS, batch_size=2)
+    collected = input_norms_by_runner(model, IDS, batch_size=2)
+    assert collected.keys() == expected.keys()
+    for name, norms in expected.items():
+        assert torch.allclose(collected[name], norms, rtol=1e-6, atol=0), name
+
+
+@pytest.mark.parametrize("family", ["Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen2ForCausalLM", "Cohere2ForCausalLM"])
+def test_each_block_gets_the_arguments_of_its_own_layer_type(family_folders, family):
+    """The configs above are sharp enough to tell: block 0's mask and rotary embedding replayed to
+    block 1 (of the other layer type) change block 1's statistics."""
+    model, _ = load_model(resolve_model(str(family_folders[family])))
+    blocks = decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks, IDS, CPU, batch_size=2)
+    own = run_block(blocks[0], inputs)
+    borrowed = dataclasses.replace(own, calls=[inputs.calls[0]] * len(blocks))
+    assert not torch.equal(torch.cat(run_block(blocks[1], own).hidden), torch.cat(run_block(blocks[1], borrowed).hidden))
+
+
+def test_replay_in_the_wrong_order_is_refused(family_folders):
+    model, _ = load_model(resolve_model(str(family_folders["LlamaForCausalLM"])))
+    blocks = decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks, IDS, CPU, batch_size=2)
+    with pytest.raises(RuntimeError, match="out of order"):
+        run_block(blocks[1], inputs)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -61,6 +61,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen3ForCausalLM": _LLAMA_LIKE,
     "GemmaForCausalLM": _LLAMA_LIKE,
     "Gemma2ForCausalLM": _LLAMA_LIKE,
+    "Gemma3ForCausalLM": _LLAMA_LIKE,
     "PhiForCausalLM": Architecture(
         blocks="model.layers",
         attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
