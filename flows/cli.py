@@ -22,6 +22,7 @@ _OVERRIDES = {
     "methods": ("prune.method", _LIST),
     "top_ups": ("prune.top_up", _LIST),
     "sparsities": ("prune.sparsity", lambda text: [float(v) for v in _LIST(text)]),
+    "calib": ("prune.calib", str),
     "nsamples": ("prune.nsamples", int),
     "search_nsamples": ("prune.search_nsamples", int),
     "seqlen": ("prune.seqlen", int),
@@ -65,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_campaign(args.params, **overrides)
     check_campaign(config)  # bad input fails here, before anything is tracked or written
 
-    # Offline by design: a temporary Prefect server must not try to send usage telemetry.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _prepare_temporary_server()
     from flows.campaign import CampaignFailed, campaign
     from tasks.tracking import TrackingUnavailable
 
@@ -75,6 +75,13 @@ def run(args: argparse.Namespace) -> int:
     except (CampaignFailed, TrackingUnavailable) as exc:  # not bad input (exit 2), but one line all the same
         print(f"neuroal: campaign failed: {exc}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:
+        if not str(exc).startswith(_NO_TEMPORARY_SERVER):
+            raise
+        print(f"neuroal: the temporary Prefect server did not start within "
+              f"{os.environ['PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS']} s; start one with "
+              "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        return 1
     if not overrides and config.campaign.dvc and _is_declared_stage(args.params):
         from tasks.versioning import dvc_commit_stage
 
@@ -82,6 +89,20 @@ def run(args: argparse.Namespace) -> int:
     print(results["table"])
     print(f"results: {Path(config.campaign.out) / 'results.json'} ({results['seconds']:.0f} s)")
     return 0
+
+
+# What Prefect raises when its temporary server does not answer in time.
+_NO_TEMPORARY_SERVER = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+def _prepare_temporary_server() -> None:
+    """Settings for the temporary Prefect server that a campaign starts when no PREFECT_API_URL is
+    set; set before Prefect is imported, which reads them once. A user's own values win."""
+    # Offline by design: it must not try to send usage telemetry.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its start takes about 20 s on two busy cores, Prefect's default limit: 3 of 5 first runs
+    # failed. The tests' harness gives it 120 s too.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def check_campaign(config) -> None:

@@ -3,6 +3,7 @@ any work starts (one line, exit code 2, nothing written)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,16 @@ def test_repository_params_are_the_default_campaign():
     cells = [(c.model, c.method, c.top_up, c.sparsity) for c in config.cells()]
     assert cells == [("smollm2-135m", "wanda", top_up, s) for top_up in ("uniform", "owl", "neuroal") for s in (0.5, 0.7)]
     assert {c.nsamples for c in config.cells()} == {32} and config.eval.tasks == ["arc_easy", "boolq"]
+
+
+def test_zoo_params_cover_four_models_three_allocators_two_sparsities():
+    config = load_campaign(REPO / "params-zoo.yaml")
+    models = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+    assert [(c.model, c.top_up, c.sparsity) for c in config.cells()] == [
+        (m, t, s) for m in models for t in ("uniform", "owl", "neuroal") for s in (0.5, 0.7)]
+    assert "python-stdlib" in config.eval.ppl
+    coder = load_campaign(REPO / "params-zoo.yaml", **{"prune.calib": "python-stdlib"})
+    assert {c.calib for c in coder.cells()} == {"python-stdlib"}
 
 
 def test_overrides_use_the_params_key_paths():
@@ -57,3 +68,33 @@ def test_campaign_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeyp
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no runs/, no mlflow.db
+
+
+def test_temporary_prefect_server_gets_time_to_start_and_a_user_value_wins(tmp_path):
+    """Set before Prefect is imported (it reads its settings once): checked in fresh processes."""
+    import subprocess
+    import sys
+
+    code = ("from flows.cli import _prepare_temporary_server; _prepare_temporary_server(); "
+            "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as limit; "
+            "print(limit.value())")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, cwd=REPO,  # noqa: E731
+                                       capture_output=True, text=True, check=True).stdout.strip()
+    assert run({"PREFECT_HOME": str(tmp_path)}) == "120"
+    assert run({"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}) == "300"
+
+
+def test_a_temporary_server_that_does_not_start_is_one_line(tmp_path, monkeypatch, capsys, tiny_llama):
+    import flows.campaign
+    from flows.cli import _NO_TEMPORARY_SERVER
+
+    def no_server(*_args, **_kwargs):
+        raise RuntimeError(f"{_NO_TEMPORARY_SERVER}. stdout: ...\nmany lines")
+
+    monkeypatch.setattr(flows.campaign, "campaign", no_server)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert main(["campaign", "--models", str(tiny_llama), "--top-ups", "uniform"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "PREFECT_API_URL" in err and "did not start" in err
