@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.states import State
 
-from flows.prune_cell import prune_cell
+from flows.prune_cell import cell_metrics, prune_cell
 from neuroal.config import CampaignConfig
 from neuroal.files import write_json_atomic
 from neuroal.models import resolve_model
@@ -124,7 +124,7 @@ def _baseline(model: str, config: CampaignConfig, parent: str | None) -> dict:
                              allow_pickle=bool(config.prune.get("allow_pickle")))
     if parent:
         log_cell(parent, name, params=flatten({"prune": {"model": model}, "eval": evaluation.model_dump()}),
-                 metrics={"ppl": metrics["ppl"], "tasks": metrics["tasks"]},
+                 metrics=cell_metrics(metrics),
                  artifacts=[str(out / "metrics" / f"{name}.json")],
                  tags={"kind": "baseline", "model_digest": source.digest}, run_key=f"{name}:{metrics['key']}")
     return {"name": name, "model": model, "metrics": metrics}

@@ -118,9 +118,7 @@ def check_campaign(config) -> None:
     trust = {key: bool(config.prune.get(key)) for key in ("trust_remote_code", "allow_pickle")}
     evaluation = config.eval
     for model, source in sources.items():
-        check_eval(EvalSpec(model=model, ppl=tuple(evaluation.ppl), tasks=tuple(evaluation.tasks),
-                            limit=evaluation.limit, batch_size=evaluation.batch_size, seqlen=evaluation.seqlen,
-                            online=evaluation.online, **trust), source)
+        check_eval(EvalSpec.of_campaign(model, evaluation, **trust), source)
 
 
 def add_report_command(commands) -> None:

@@ -50,7 +50,7 @@ def prune_cell(cell: PruneConfig, evaluation: EvalConfig, settings: CampaignSett
         summary["mlflow_run_id"] = log_cell(
             parent_run_id, name,
             params=flatten({"prune": cell.model_dump(), "eval": evaluation.model_dump()}),
-            metrics=_cell_metrics(metrics),
+            metrics=cell_metrics(metrics),
             artifacts=[str(Path(checkpoint.path) / p) for p in ("neuroal.json", "allocation.png")]
             + [str(out / "metrics" / f"{name}.json")],
             tags={"git_revision": git_revision(Path(root)) or "", "dvc_hash": summary["dvc_hash"] or "",
@@ -60,9 +60,13 @@ def prune_cell(cell: PruneConfig, evaluation: EvalConfig, settings: CampaignSett
     return summary
 
 
-def _cell_metrics(metrics: dict) -> dict:
-    """What MLflow plots: perplexities, accuracies, achieved sparsity, lambdas, stage times."""
+def cell_metrics(metrics: dict) -> dict:
+    """What MLflow plots of a cell or dense baseline: perplexities, accuracies, achieved sparsity,
+    lambdas, stage times, and whether windows started with BOS (1) or not (0)."""
     manifest = metrics.get("checkpoint") or {}
+    calibration = manifest.get("calibration") or {}
+    bos = {"eval": metrics.get("bos_per_window"), "calibration": calibration.get("bos_per_window")}
     return {"ppl": metrics["ppl"], "tasks": metrics["tasks"],
             "achieved_sparsity": manifest.get("achieved_sparsity"), "lambdas": manifest.get("lambdas") or {},
+            "bos_per_window": {k: int(v) for k, v in bos.items() if v is not None},
             "time": {**manifest.get("timings", {}), **{f"eval.{k}": v for k, v in metrics["timings"].items()}}}

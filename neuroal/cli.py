@@ -15,6 +15,9 @@ from neuroal.progress import show_progress
 
 EXIT_USAGE = 2
 _ALLOW_PICKLE = "load pickled .bin weights when a model has no safetensors (unpickling can run code)"
+_BOS_PER_WINDOW = ("start every {what} window with BOS: auto (the model family's rule: Gemma yes; "
+                   "Llama-likes, SmolLM2, Qwen no, as in the reference), on, or off")
+_CORPUS = "a corpus name ({names}), or the path of a text file, a folder of text files or a .jsonl file"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +52,10 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neuroal-mode", default=defaults["neuroal_mode"].default, help="reference or dense")
     p.add_argument("--neuroal-strategy", default=defaults["neuroal_strategy"].default,
                    help="grid (every candidate) or coarse (coarse-to-fine walk over the grid)")
-    p.add_argument("--calib", default=defaults["calib"].default, help="calibration corpus")
+    p.add_argument("--calib", default=defaults["calib"].default,
+                   help="calibration corpus: " + _CORPUS.format(names=_corpus_list()))
+    p.add_argument("--bos-per-window", choices=_bos_choices(), default=defaults["bos_per_window"].default,
+                   help=_BOS_PER_WINDOW.format(what="calibration"))
     for name in ("nsamples", "search_nsamples", "seqlen", "batch_size", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name].default)
     p.add_argument("--device", default=defaults["device"].default, help="auto, cpu or cuda[:N]")
@@ -62,18 +68,22 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    from neuroal.data import offline_corpus_names
+    from neuroal.config import EvalConfig
     from neuroal.evaluation.zeroshot import PAPER_TASKS
 
+    defaults = EvalConfig.model_fields
     p.add_argument("--model", required=True, help="model spec or pruned checkpoint folder")
-    p.add_argument("--ppl", default=",".join(offline_corpus_names()),
-                   help="corpora for perplexity, comma-separated, or none (default: the offline corpora)")
+    p.add_argument("--ppl", default=",".join(defaults["ppl"].default),
+                   help="corpora for perplexity, comma-separated, or none; each " + _CORPUS.format(
+                       names=_corpus_list()) + f" (default: {','.join(defaults['ppl'].default)})")
     p.add_argument("--tasks", default=",".join(PAPER_TASKS),
                    help="zero-shot tasks, comma-separated, or none (default: the paper's seven)")
     p.add_argument("--limit", type=int, help="at most N perplexity windows and N documents per task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seqlen", type=int, help="perplexity window in tokens (default 2048, or the model's context)")
     p.add_argument("--online", action="store_true", help="lm-eval's hub tasks instead of the offline copies")
+    p.add_argument("--bos-per-window", choices=_bos_choices(), default=defaults["bos_per_window"].default,
+                   help=_BOS_PER_WINDOW.format(what="perplexity"))
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
@@ -104,12 +114,25 @@ def _eval(args: argparse.Namespace) -> int:
         model=args.model, ppl=_names(args.ppl), tasks=_names(args.tasks), limit=args.limit,
         batch_size=args.batch_size, seqlen=args.seqlen, device=args.device, dtype=args.dtype,
         online=args.online, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+        bos_per_window=args.bos_per_window,
     )
     metrics = evaluate(spec)
     if args.out:
         write_json_atomic(args.out, metrics)
     print(metrics_table(metrics))
     return 0
+
+
+def _corpus_list() -> str:
+    from neuroal.data import corpus_names
+
+    return ", ".join(corpus_names())
+
+
+def _bos_choices() -> tuple[str, ...]:
+    from neuroal.data import BOS_PER_WINDOW_CHOICES
+
+    return BOS_PER_WINDOW_CHOICES
 
 
 def _names(value: str) -> tuple[str, ...]:

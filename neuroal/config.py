@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from neuroal.errors import UserError
 
 Method = Literal["magnitude", "wanda", "multiflow", "sparsegpt"]
 TopUp = Literal["uniform", "owl", "alpha", "dsnot", "neuroal"]
+
+
+def _yaml_switch(value):
+    """YAML 1.1 reads a bare ``on``/``off`` as a boolean; take it back as the word."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+# auto: BOS at every window start for the families that need it (neuroal.data.windows); on; off.
+BosPerWindow = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 
 
 class PruneConfig(BaseModel):
@@ -28,7 +39,8 @@ class PruneConfig(BaseModel):
     neuroal_step: Literal["block", "row", "both"] = "both"
     neuroal_mode: Literal["reference", "dense"] = "reference"
     neuroal_strategy: Literal["grid", "coarse"] = "coarse"  # grid's lambdas where measured, 11 passes instead of 29
-    calib: str = "wikipedia"
+    calib: str = "wikipedia"  # a corpus name, or the path of a text file, folder or .jsonl file
+    bos_per_window: BosPerWindow = "auto"
     nsamples: int = Field(128, ge=1)  # the paper's calibration size
     search_nsamples: int = Field(8, ge=1)  # the paper's NeuroAl search set
     seqlen: int = Field(2048, ge=1)  # the paper's window; must fit the model's context
@@ -64,6 +76,7 @@ class EvalConfig(BaseModel):
     seqlen: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
     online: bool = False
+    bos_per_window: BosPerWindow = "auto"
 
 
 class CampaignSettings(BaseModel):

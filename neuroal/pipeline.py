@@ -12,7 +12,14 @@ import torch
 import neuroal
 from neuroal.checkpoint import save_checkpoint
 from neuroal.config import PruneConfig
-from neuroal.data import CalibrationSet, CalibrationSpec, get_corpus, load_documents, sample_calibration
+from neuroal.data import (
+    CalibrationSet,
+    CalibrationSpec,
+    check_calibration_documents,
+    get_corpus,
+    resolve_bos_per_window,
+    sample_calibration,
+)
 from neuroal.errors import UserError
 from neuroal.models import (
     ModelSource,
@@ -83,7 +90,8 @@ def check_config(config: PruneConfig, source: ModelSource | None = None) -> Mode
     check_weights(cell.source, config.allow_pickle)
     if cell.reads_data:
         _check_context(model_config, config.seqlen)
-        _check_documents(load_tokenizer(cell.source, config.trust_remote_code), config.calib, config.seqlen)
+        check_calibration_documents(load_tokenizer(cell.source, config.trust_remote_code), config.calib,
+                                    config.seqlen, resolve_bos_per_window(config.bos_per_window, model_config))
     return cell.source
 
 
@@ -97,8 +105,9 @@ def calibrate(config: PruneConfig) -> CalibrationSet | None:
     cell = _Cell.of(config)
     if not cell.reads_data:
         return None
-    _check_context(load_config(cell.source, config.trust_remote_code), config.seqlen)
-    return cell.calibrate(load_tokenizer(cell.source, config.trust_remote_code))
+    model_config = load_config(cell.source, config.trust_remote_code)
+    _check_context(model_config, config.seqlen)
+    return cell.calibrate(load_tokenizer(cell.source, config.trust_remote_code), model_config)
 
 
 def allocate(config: PruneConfig, calibration: CalibrationSet | None, activation_cache: Path | None = None) -> Allocated:
@@ -139,7 +148,7 @@ def prune_in_memory(config: PruneConfig, *, calibration: CalibrationSet | None =
         _check_context(model.config, config.seqlen)
     if calibration is None and cell.reads_data:
         with timed(timings, "calibration"):
-            calibration = cell.calibrate(tokenizer)
+            calibration = cell.calibrate(tokenizer, model.config)
     allocated = allocated or cell.allocate(model, calibration, activation_cache)
     timings["allocate"] = allocated.seconds
     ids = calibration.input_ids if calibration else None
@@ -205,9 +214,11 @@ class _Cell:
         c = self.config
         return load_model(self.source, self.dtype, c.trust_remote_code, allow_pickle=c.allow_pickle)
 
-    def calibrate(self, tokenizer) -> CalibrationSet:
+    def calibrate(self, tokenizer, model_config) -> CalibrationSet:
+        """Draw the calibration windows; the spec (in the manifest) records the resolved BOS choice."""
         c = self.config
-        return sample_calibration(tokenizer, CalibrationSpec(c.calib, c.nsamples, c.seqlen, c.seed))
+        bos_per_window = resolve_bos_per_window(c.bos_per_window, model_config)
+        return sample_calibration(tokenizer, CalibrationSpec(c.calib, c.nsamples, c.seqlen, c.seed, bos_per_window))
 
     def allocate(self, model, calibration: CalibrationSet | None, activation_cache: Path | None) -> Allocated:
         c = self.config
@@ -248,17 +259,6 @@ def _check_context(model_config, seqlen: int) -> None:
     context = context_length(model_config)
     if context is not None and seqlen > context:
         raise UserError(f"seqlen {seqlen} is longer than the model's context of {context} tokens; lower --seqlen")
-
-
-def _check_documents(tokenizer, corpus: str, seqlen: int) -> None:
-    """A calibration window is cut from one train document longer than ``seqlen`` tokens: one must exist."""
-    longest = 0
-    for document in load_documents(corpus, "train"):
-        longest = max(longest, len(tokenizer(document)["input_ids"]))
-        if longest > seqlen:
-            return
-    raise UserError(f"no {corpus!r} train document is longer than --seqlen {seqlen} tokens (the longest has "
-                    f"{longest}); use a smaller --seqlen or another corpus")
 
 
 def _versions() -> dict:

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from neuroal import RESULTS_VERSION
 from neuroal.checkpoint import MANIFEST, read_manifest
 from neuroal.config import EvalConfig, PruneConfig
-from neuroal.data import load_calibration, save_calibration
+from neuroal.data import corpus_digest, load_calibration, save_calibration
 from neuroal.digests import json_digest
 from neuroal.errors import UserError
 from neuroal.files import write_json_atomic
@@ -77,7 +77,8 @@ def prepare_calibration(config: PruneConfig, cache: Path) -> Ref | None:
     if not reads_calibration(config):
         return None
     source = resolve_model(config.model)
-    spec = {"model": source.digest, "corpus": config.calib, "nsamples": config.nsamples,
+    spec = {"model": source.digest, "corpus": config.calib, "corpus_digest": corpus_digest(config.calib),
+            "bos_per_window": config.bos_per_window, "nsamples": config.nsamples,
             "seqlen": config.seqlen, "seed": config.seed}
     path = Path(cache) / "calibration" / f"{json_digest(spec)[:32]}.safetensors"
     calibration = load_calibration(path)
@@ -148,7 +149,8 @@ def evaluate(model: str, settings: EvalConfig, out: Path, name: str, model_diges
     from neuroal.evaluation.evaluate import evaluate as compute
 
     out = Path(out)
-    key = json_digest({"weights": model_digest, "eval": settings.model_dump()})
+    key = json_digest({"weights": model_digest, "eval": settings.model_dump(),
+                       "corpora": {corpus: corpus_digest(corpus) for corpus in settings.ppl}})
     if out.is_file():
         try:
             stored = json.loads(out.read_text())
@@ -156,9 +158,7 @@ def evaluate(model: str, settings: EvalConfig, out: Path, name: str, model_diges
                 return stored
         except (OSError, ValueError):
             pass  # unreadable: recompute
-    spec = EvalSpec(model=model, ppl=tuple(settings.ppl), tasks=tuple(settings.tasks), limit=settings.limit,
-                    batch_size=settings.batch_size, seqlen=settings.seqlen, online=settings.online,
-                    trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    spec = EvalSpec.of_campaign(model, settings, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     metrics = {"key": key, **compute(spec)}
     write_json_atomic(out, metrics)
     return metrics

@@ -12,6 +12,7 @@ import json
 import logging
 import numbers
 import os
+import posixpath
 import re
 import tempfile
 import time
@@ -306,8 +307,10 @@ def _clean_tags(tags: Mapping) -> dict:
 
 
 def _key(key: str) -> str:
-    """A valid MLflow param/metric name: lm-eval's ``acc,none`` becomes ``acc_none``."""
-    return _INVALID_KEY.sub("_", key)
+    """A valid MLflow param/metric name: lm-eval's ``acc,none`` becomes ``acc_none``; a corpus path
+    that MLflow would read as another path (``ppl.data/../x.txt``) loses its slashes."""
+    key = _INVALID_KEY.sub("_", key)
+    return key.replace("/", "_") if posixpath.normpath(key) != key else key
 
 
 def _dropped(key: str) -> bool:

@@ -26,7 +26,7 @@ from neuroal.data import calibration as calibration_module
 from neuroal.errors import UserError
 from neuroal.files import read_checked_json
 
-OFFLINE = ["wikipedia", "treebank", "lee"]
+OFFLINE = ["wikipedia", "treebank", "lee", "python-stdlib"]
 ONLINE = ["wikitext2", "c4", "ptb"]
 
 
@@ -163,7 +163,8 @@ def test_sample_shape_and_reproducibility(tokenizer):
     other = sample_calibration(tokenizer, spec(seed=1))
     assert not torch.equal(first.input_ids, other.input_ids)
     assert other.digest != first.digest
-    assert first.spec.to_dict() == {"corpus": "lee", "nsamples": 8, "seqlen": 64, "seed": 0}
+    assert first.spec.to_dict() == {"corpus": "lee", "nsamples": 8, "seqlen": 64, "seed": 0,
+                                    "bos_per_window": False, "corpus_digest": "lee"}
     assert len(first.digest) == 64 and int(first.digest, 16) >= 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.prune_cell import _cell_metrics
+from flows.prune_cell import cell_metrics
 from neuroal.cli import main
 from neuroal.config import CampaignConfig
 from tasks.cells import cell_name, model_slug
@@ -69,7 +69,7 @@ def log_campaign(experiment: str, folder: Path, *, limit: int = 40, scale: float
                    "timings": {"load": 1.0, "ppl.wikipedia": 3.0, "ppl.lee": 2.0, "tasks": 5.0},
                    "checkpoint": manifest}
         log_cell.fn(parent, cell_name(cell), params=flatten({"prune": cell.model_dump(), "eval": evaluation}),
-                    metrics=_cell_metrics(metrics), artifacts=[folder / "neuroal.json"],
+                    metrics=cell_metrics(metrics), artifacts=[folder / "neuroal.json"],
                     tags={"kind": "cell", "git_revision": "abc123"})
     finish_campaign.fn(parent, status)
     return parent

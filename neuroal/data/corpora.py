@@ -7,29 +7,30 @@ an offline corpus is never called ``wikitext2``, ``c4`` or ``ptb``.
 A corpus is a list of documents per split. Stream corpora (Penn Treebank, WikiText-2) hold one
 document per split, the whole split joined, because their lines are far shorter than a
 calibration window; this is what the authors' reference code does.
+
+Besides the names, a corpus argument may be a path: a text file, a folder of text files or a
+JSONL file with a ``text`` field (``neuroal.data.local``). A registered name wins over a file of
+the same name in the working folder; write ``./name`` for the file.
 """
 
 from __future__ import annotations
 
 import bz2
 import functools
-import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from neuroal.data import local
+from neuroal.data.splits import SPLITS
+from neuroal.data.splits import in_test_split as _in_test_split
 from neuroal.errors import UserError
 from neuroal.files import read_checked_json, write_checked_json
 from neuroal.paths import cache_dir, package_file
 
 logger = logging.getLogger(__name__)
-
-SPLITS = ("train", "test")
-
-# Share of documents that a per-document split sends to test: the usual 90/10 held-out split.
-_TEST_PERCENT = 10
 
 _GENSIM_DATA = "test/test_data"
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -70,6 +71,8 @@ class Corpus:
         source: Where the text comes from and its licence.
         loader: ``loader(split) -> documents`` for ``split`` in ``SPLITS``.
         online: Whether loading needs the Hugging Face hub.
+        identity: ``identity() -> str`` naming the content read (see ``corpus_digest``); None:
+            the name is the identity (a registered corpus whose text is fixed by its package).
     """
 
     name: str
@@ -77,6 +80,7 @@ class Corpus:
     source: str
     loader: Callable[[str], list[str]]
     online: bool = False
+    identity: Callable[[], str] | None = None
 
 
 def corpus_names() -> list[str]:
@@ -90,15 +94,36 @@ def offline_corpus_names() -> list[str]:
 
 
 def get_corpus(name: str) -> Corpus:
-    """Return the registry entry for ``name``.
+    """Return the registry entry for ``name``, or a user corpus when ``name`` is a path.
 
     Raises:
-        UserError: ``name`` is not a registered corpus.
+        UserError: ``name`` is neither a registered corpus nor an existing path.
     """
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise UserError(f"unknown corpus {name!r}; choose one of: {', '.join(corpus_names())}") from None
+    if local.looks_like_path(name):
+        local.check_path(name)
+        return Corpus(
+            name, f"user corpus at {name}", "local files",
+            functools.partial(local.local_documents, name), identity=functools.partial(local.local_digest, name),
+        )
+    raise UserError(f"unknown corpus {name!r}; choose one of: {', '.join(corpus_names())}, "
+                    "or give the path of a text file, a folder of text files or a .jsonl file")
+
+
+def corpus_digest(name: str) -> str:
+    """Identify the text of a corpus, for cache keys and manifests.
+
+    Args:
+        name: A registered corpus name or the path of a user corpus.
+
+    Returns:
+        ``sha256:<hex>`` of a user corpus's files (it changes when any byte does);
+        ``python-stdlib:<python version>:sha256:<hex>`` for the standard library sources; the
+        name itself for the other registered corpora, whose text their package version fixes.
+    """
+    corpus = get_corpus(name)
+    return corpus.identity() if corpus.identity else corpus.name
 
 
 def load_documents(name: str, split: str) -> list[str]:
@@ -132,12 +157,6 @@ def load_text(name: str, split: str) -> str:
         The text used for perplexity windows.
     """
     return "\n\n".join(load_documents(name, split))
-
-
-def _in_test_split(key: str) -> bool:
-    """Assign a document to test by a hash of its key: deterministic and independent of order."""
-    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % 100
-    return bucket < _TEST_PERCENT
 
 
 def _package_file(package: str, relative: str, corpus: str) -> Path:
@@ -317,6 +336,13 @@ _REGISTRY: dict[str, Corpus] = {
             "Lee news articles (300 short Australian news stories); ~10% of articles held out",
             "gensim test data lee_background.cor; Lee, Pincombe & Welsh (2005) corpus, research use",
             _lee,
+        ),
+        Corpus(
+            local.STDLIB,
+            "Python code: the .py sources of this interpreter's standard library, no tests; ~10% of files held out",
+            "the running Python's stdlib folder (sysconfig 'stdlib'); PSF License",
+            local.stdlib_documents,
+            identity=local.stdlib_digest,
         ),
         Corpus(
             "wikitext2",

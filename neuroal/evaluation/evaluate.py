@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from neuroal.checkpoint import MANIFEST, read_manifest
-from neuroal.data import get_corpus
+from neuroal.data import BOS_PER_WINDOW_CHOICES, corpus_digest, get_corpus, resolve_bos_per_window
 from neuroal.errors import UserError
 from neuroal.evaluation.perplexity import eval_windows, perplexity
 from neuroal.evaluation.zeroshot import PAPER_TASKS, lm_eval_version, zero_shot
@@ -35,7 +35,7 @@ class EvalSpec:
 
     Attributes:
         model: A model spec or a pruned checkpoint folder.
-        ppl: Corpora for perplexity (empty: none).
+        ppl: Corpora for perplexity: names or paths of user corpora (empty: none).
         tasks: Zero-shot tasks (empty: none).
         limit: At most this many perplexity windows per corpus and documents per task (None: all).
         batch_size: Windows or requests per forward pass.
@@ -44,6 +44,8 @@ class EvalSpec:
         online: Use lm-eval's registered (hub) tasks instead of the offline copies.
         trust_remote_code: Run code shipped with a hub model.
         allow_pickle: Load pickled ``.bin`` weights when the model has no safetensors.
+        bos_per_window: ``auto`` (the family rule of ``neuroal.data.windows``), ``on`` or ``off``:
+            whether every perplexity window starts with BOS.
     """
 
     model: str
@@ -57,6 +59,15 @@ class EvalSpec:
     online: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    bos_per_window: str = "auto"
+
+    @classmethod
+    def of_campaign(cls, model: str, settings, trust_remote_code: bool = False, allow_pickle: bool = False):
+        """The spec of a campaign's evaluation (``settings``: its ``EvalConfig``) of ``model``."""
+        return cls(model=model, ppl=tuple(settings.ppl), tasks=tuple(settings.tasks), limit=settings.limit,
+                   batch_size=settings.batch_size, seqlen=settings.seqlen, online=settings.online,
+                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                   bos_per_window=settings.bos_per_window)
 
 
 def evaluate(spec: EvalSpec) -> dict:
@@ -75,11 +86,12 @@ def evaluate(spec: EvalSpec) -> dict:
                                       allow_pickle=spec.allow_pickle)
         model.to(device)
     seqlen = _seqlen(spec, model.config)
+    bos_per_window = resolve_bos_per_window(spec.bos_per_window, model.config)
 
     ppl = {}
     for corpus in spec.ppl:
         with timed(timings, f"ppl.{corpus}"):
-            windows = _windows(tokenizer, corpus, seqlen, spec.limit)
+            windows = _windows(tokenizer, corpus, seqlen, spec.limit, bos_per_window)
             ppl[corpus] = perplexity(model, windows, device, spec.batch_size)
         logger.info("perplexity on %s (%d x %d tokens): %.3f", corpus, windows.shape[0], seqlen, ppl[corpus])
     tasks = {}
@@ -94,6 +106,8 @@ def evaluate(spec: EvalSpec) -> dict:
         "tasks": tasks,
         "limit": spec.limit,
         "seqlen": seqlen,
+        "bos_per_window": bos_per_window,
+        "corpus_digests": {corpus: corpus_digest(corpus) for corpus in spec.ppl},
         "online": spec.online,
         "device": str(device),
         "lm_eval_version": lm_eval_version(),
@@ -125,12 +139,14 @@ def check_eval(spec: EvalSpec, source: ModelSource | None = None) -> ModelSource
     _check(spec)
     resolve_device(spec.device)
     source = source or resolve_model(spec.model)
-    seqlen = _seqlen(spec, load_config(source, spec.trust_remote_code))
+    model_config = load_config(source, spec.trust_remote_code)
+    seqlen = _seqlen(spec, model_config)
     check_weights(source, spec.allow_pickle)
     if spec.ppl:
         tokenizer = load_tokenizer(source, spec.trust_remote_code)
+        bos_per_window = resolve_bos_per_window(spec.bos_per_window, model_config)
         for corpus in spec.ppl:
-            _windows(tokenizer, corpus, seqlen, limit=1)
+            _windows(tokenizer, corpus, seqlen, 1, bos_per_window)
     return source
 
 
@@ -143,8 +159,8 @@ def _seqlen(spec: EvalSpec, model_config) -> int:
     return spec.seqlen or min(DEFAULT_SEQLEN, context or DEFAULT_SEQLEN)
 
 
-def _windows(tokenizer, corpus: str, seqlen: int, limit: int | None):
-    windows = eval_windows(tokenizer, corpus, seqlen, limit)
+def _windows(tokenizer, corpus: str, seqlen: int, limit: int | None, bos_per_window: bool):
+    windows = eval_windows(tokenizer, corpus, seqlen, limit, bos_per_window=bos_per_window)
     if windows.shape[0] == 0:
         raise UserError(f"the {corpus!r} test split is shorter than one --seqlen {seqlen} window; "
                         "lower --seqlen or choose another corpus")
@@ -155,6 +171,9 @@ def _check(spec: EvalSpec) -> None:
     """Fail on bad input before the slow model load."""
     for corpus in spec.ppl:
         get_corpus(corpus)
+    if spec.bos_per_window not in BOS_PER_WINDOW_CHOICES:
+        raise UserError(f"--bos-per-window must be one of {', '.join(BOS_PER_WINDOW_CHOICES)}, "
+                        f"got {spec.bos_per_window!r}")
     unknown = [task for task in spec.tasks if task not in PAPER_TASKS]
     if unknown and not spec.online:
         raise UserError(f"unknown offline task {unknown[0]!r}; choose from {', '.join(PAPER_TASKS)} "

@@ -7,23 +7,56 @@ import math
 import torch
 from torch import nn
 
-from neuroal.data import load_text
+from neuroal.data import load_text, window_bos_id
 from neuroal.progress import progress
 
 
-def eval_windows(tokenizer, corpus: str, seqlen: int, limit: int | None = None) -> torch.Tensor:
-    """The test split tokenized as one text and cut into ``[windows, seqlen]`` (the tail is dropped),
-    as the reference's ``eval_ppl`` does."""
-    ids = tokenizer(load_text(corpus, "test"), return_tensors="pt").input_ids[0]
-    count = ids.numel() // seqlen
+def eval_windows(tokenizer, corpus: str, seqlen: int, limit: int | None = None, *,
+                 bos_per_window: bool = False) -> torch.Tensor:
+    """The test split tokenized as one text and cut into ``[windows, seqlen]`` (the tail is dropped).
+
+    Without ``bos_per_window`` this is the reference's ``eval_ppl``: the text tokenized as usual
+    (special tokens as the tokenizer adds them), cut every ``seqlen`` tokens. With it, the text is
+    tokenized without special tokens, cut every ``seqlen - 1`` tokens, and each piece gets the
+    tokenizer's BOS in front, so every window is ``seqlen`` tokens that start the way the model
+    expects (see ``neuroal.data.windows``).
+
+    Args:
+        tokenizer: The model's tokenizer.
+        corpus: A corpus name or user corpus path; its test split is read.
+        seqlen: Tokens per window, BOS included.
+        limit: At most this many windows (None: all).
+        bos_per_window: Put BOS at the start of every window (resolved, not ``auto``).
+
+    Returns:
+        ``[windows, seqlen]`` int64 token ids.
+    """
+    text = load_text(corpus, "test")
+    if not bos_per_window:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        return _cut(ids, seqlen, limit)
+    bos = window_bos_id(tokenizer)
+    body = _cut(tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0], seqlen - 1, limit)
+    return torch.cat([torch.full((body.shape[0], 1), bos, dtype=body.dtype), body], dim=1)
+
+
+def _cut(ids: torch.Tensor, length: int, limit: int | None) -> torch.Tensor:
+    """Consecutive ``length``-token rows of ``ids``, at most ``limit`` of them."""
+    count = ids.numel() // length
     if limit is not None:
         count = min(count, limit)
-    return ids[: count * seqlen].reshape(count, seqlen)
+    return ids[: count * length].reshape(count, length)
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8) -> float:
-    """``exp`` of the mean next-token cross-entropy over all windows (each window scored alone)."""
+    """``exp`` of the mean next-token cross-entropy over all windows (each window scored alone).
+
+    Every position but the first predicts the next token, so ``seqlen - 1`` tokens per window are
+    scored. For a window that starts with a BOS of its own (``eval_windows(bos_per_window=True)``)
+    the BOS is never a target: it is the context of the first corpus token, which is scored, so
+    the scored tokens are exactly the window's ``seqlen - 1`` corpus tokens.
+    """
     total, count = 0.0, 0
     for start in progress(range(0, windows.shape[0], batch_size), desc="perplexity"):
         batch = windows[start : start + batch_size].to(device)
