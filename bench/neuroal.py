@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neuroal.config import PruneConfig  # noqa: E402
 from neuroal.evaluation import eval_windows, perplexity  # noqa: E402
-from neuroal.pipeline import prune_in_memory  # noqa: E402
+from neuroal.pipeline import Plan, prune_in_memory  # noqa: E402
 
 
 def run_cell(config: PruneConfig, windows: dict[str, torch.Tensor]) -> dict:
     with tempfile.TemporaryDirectory() as cold:  # each cell pays its own dense pass, as a lone run would
         start = time.perf_counter()
-        model, _, manifest = prune_in_memory(config, activation_cache=Path(cold))
+        model, _, manifest = prune_in_memory(Plan.of(config), activation_cache=Path(cold))
         seconds = time.perf_counter() - start
     device = torch.device(manifest["device"])
     ppl = {corpus: perplexity(model.to(device), w, device) for corpus, w in windows.items()}

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neuroal.config import PruneConfig  # noqa: E402
 from neuroal.evaluation import eval_windows, perplexity  # noqa: E402
 from neuroal.models import load_model, resolve_device, resolve_dtype, resolve_model  # noqa: E402
-from neuroal.pipeline import prune_in_memory  # noqa: E402
+from neuroal.pipeline import Plan, prune_in_memory  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
                 config = PruneConfig(model=args.model, method=method, top_up=top_up, sparsity=sparsity,
                                      nsamples=args.nsamples, seqlen=args.seqlen, device=args.device)
                 start = time.perf_counter()
-                pruned, _, manifest = prune_in_memory(config)
+                pruned, _, manifest = prune_in_memory(Plan.of(config))
                 seconds = time.perf_counter() - start
                 ppl = perplexity(pruned.to(device), windows, device)
                 rows.append(dict(sparsity=sparsity, method=method, top_up=top_up, ppl=ppl, seconds=seconds,

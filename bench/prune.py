@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neuroal.config import PruneConfig  # noqa: E402
 from neuroal.models import decoder_blocks, load_model, resolve_device, resolve_dtype, resolve_model  # noqa: E402
-from neuroal.pipeline import prune_to_checkpoint  # noqa: E402
+from neuroal.pipeline import Plan, prune_to_checkpoint  # noqa: E402
 
 MiB = 2**20
 
@@ -59,7 +59,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = prune_to_checkpoint(config, Path(tmp) / "out")
+        manifest = prune_to_checkpoint(Plan.of(config), Path(tmp) / "out")
     wall = time.perf_counter() - start
 
     print(f"model {config.model}  method {config.method}  top-up {config.top_up}  sparsity {config.sparsity}")

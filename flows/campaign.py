@@ -119,9 +119,9 @@ def _baseline(model: str, config: CampaignConfig, parent: str | None) -> dict:
     """The dense model evaluated like the cells, as its own MLflow run (when tracked)."""
     name, evaluation, out = f"{cells.model_slug(model)}-dense", config.eval, Path(config.campaign.out)
     source = resolve_model(model)
-    metrics = cells.evaluate(model, evaluation, out / "metrics" / f"{name}.json", name, source.digest,
-                             trust_remote_code=bool(config.prune.get("trust_remote_code")),
-                             allow_pickle=bool(config.prune.get("allow_pickle")))
+    metrics = cells.metrics(model, evaluation, out / "metrics" / f"{name}.json", name, source.digest,
+                            trust_remote_code=bool(config.prune.get("trust_remote_code")),
+                            allow_pickle=bool(config.prune.get("allow_pickle")))
     if parent:
         log_cell(parent, name, params=flatten({"prune": {"model": model}, "eval": evaluation.model_dump()}),
                  metrics=cell_metrics(metrics),

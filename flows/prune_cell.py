@@ -10,6 +10,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from neuroal.config import CampaignSettings, EvalConfig, PruneConfig
+from neuroal.pipeline import Plan
 from tasks import cells
 from tasks.tracking import flatten, log_cell
 from tasks.versioning import dvc_push, dvc_track, git_revision
@@ -35,12 +36,13 @@ def prune_cell(cell: PruneConfig, evaluation: EvalConfig, settings: CampaignSett
     """
     out, name = Path(settings.out), cells.cell_name(cell)
     cache = out / "cache"
-    calibration = cells.prepare_calibration(cell, cache)
-    cells.cache_dense_activations(cell, calibration, cache)
-    allocation = cells.allocate(cell, calibration, cache)
-    checkpoint = cells.prune(cell, calibration, allocation, out / "checkpoints" / name)
-    metrics = cells.evaluate(checkpoint.path, evaluation, out / "metrics" / f"{name}.json", name, checkpoint.digest,
-                             trust_remote_code=cell.trust_remote_code)
+    plan = Plan.of(cell)  # resolved once; every task gets it
+    calibration = cells.calibration_windows(plan, cache)
+    cells.dense_activations(plan, calibration, cache)
+    allocation = cells.allocation(plan, calibration, cache)
+    checkpoint = cells.checkpoint(plan, calibration, allocation, out / "checkpoints" / name)
+    metrics = cells.metrics(checkpoint.path, evaluation, out / "metrics" / f"{name}.json", name, checkpoint.digest,
+                            trust_remote_code=cell.trust_remote_code)
     summary = {"name": name, "model": cell.model, "method": cell.method, "top_up": cell.top_up,
                "sparsity": cell.sparsity, "checkpoint": checkpoint.path, "metrics": metrics,
                "dvc_hash": dvc_track(Path(checkpoint.path), Path(root)) if settings.dvc else None}

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -41,17 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_prune(p: argparse.ArgumentParser) -> None:
     from neuroal.config import PruneConfig
+    from neuroal.pruning import ALLOCATORS, BASE_METHODS
 
     defaults = PruneConfig.model_fields
     p.add_argument("--model", required=True, help="hub id, local folder, .gguf file, or alias (smollm2-135m)")
-    p.add_argument("--method", required=True, help="magnitude, wanda, multiflow or sparsegpt")
-    p.add_argument("--top-up", default=defaults["top_up"].default, help="uniform, owl, alpha, dsnot or neuroal")
+    p.add_argument("--method", required=True, help="base method: " + _plugin_help(BASE_METHODS))
+    p.add_argument("--top-up", default=defaults["top_up"].default,
+                   help="sparsity allocator (default %(default)s): " + _plugin_help(ALLOCATORS))
     p.add_argument("--sparsity", required=True, type=float, help="fraction of prunable weights to zero, in (0, 1)")
     p.add_argument("--structure", default=defaults["structure"].default, help="unstructured, or N:M such as 2:4")
-    p.add_argument("--neuroal-step", default=defaults["neuroal_step"].default, help="block, row or both")
-    p.add_argument("--neuroal-mode", default=defaults["neuroal_mode"].default, help="reference or dense")
-    p.add_argument("--neuroal-strategy", default=defaults["neuroal_strategy"].default,
-                   help="grid (every candidate) or coarse (coarse-to-fine walk over the grid)")
+    _add_allocator_options(p, defaults)
     p.add_argument("--calib", default=defaults["calib"].default,
                    help="calibration corpus: " + _CORPUS.format(names=_corpus_list()))
     p.add_argument("--bos-per-window", choices=_bos_choices(), default=defaults["bos_per_window"].default,
@@ -65,6 +65,24 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(handler=_prune)
+
+
+def _plugin_help(registry: dict) -> str:
+    return "; ".join(f"{name} ({plugin.help})" for name, plugin in registry.items())
+
+
+def _add_allocator_options(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """``--<allocator>-<option>`` for every option of every allocator, described by its pydantic
+    field; the config validates the value, so a bad one is the same one-line error everywhere."""
+    from neuroal.pruning import ALLOCATORS
+
+    for name, chosen in ALLOCATORS.items():
+        for option, info in chosen.Options.model_fields.items():
+            key = f"{name}_{option}"
+            choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else ()
+            p.add_argument(f"--{key.replace('_', '-')}", default=defaults[key].default,
+                           help=f"{name}: {info.description} ({', '.join(choices) + '; ' if choices else ''}"
+                                "default %(default)s)")
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
@@ -100,8 +118,8 @@ def _prune(args: argparse.Namespace) -> int:
     config = validated(PruneConfig, **fields)
     if args.out.exists() and not args.overwrite:
         raise UserError(f"output {args.out} already exists; choose another --out or pass --overwrite")
-    source = check_config(config)  # every input problem, before the work and its progress bars
-    manifest = prune_to_checkpoint(config, args.out, overwrite=args.overwrite, source=source)
+    plan = check_config(config)  # every input problem, before the work and its progress bars
+    manifest = prune_to_checkpoint(plan, args.out, overwrite=args.overwrite)
     summary = {k: manifest[k] for k in ("method", "top_up", "target_sparsity", "achieved_sparsity", "timings")}
     print(json.dumps({"out": str(args.out), **summary}, indent=1))
     return 0

@@ -7,12 +7,14 @@ import itertools
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from neuroal.errors import UserError
+from neuroal.pruning.registry import ALLOCATORS, BASE_METHODS
 
-Method = Literal["magnitude", "wanda", "multiflow", "sparsegpt"]
-TopUp = Literal["uniform", "owl", "alpha", "dsnot", "neuroal"]
+# The allowed --method and --top-up values: the registry's names.
+Method = Literal[tuple(BASE_METHODS)]
+TopUp = Literal[tuple(ALLOCATORS)]
 
 
 def _yaml_switch(value):
@@ -26,7 +28,7 @@ def _yaml_switch(value):
 BosPerWindow = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 
 
-class PruneConfig(BaseModel):
+class _CellSettings(BaseModel):
     """One pruning cell: which model, how to score, how to allocate, on what calibration data."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -36,9 +38,6 @@ class PruneConfig(BaseModel):
     top_up: TopUp = "uniform"
     sparsity: float = Field(gt=0, lt=1)
     structure: str = "unstructured"  # or "N:M", e.g. "2:4"
-    neuroal_step: Literal["block", "row", "both"] = "both"
-    neuroal_mode: Literal["reference", "dense"] = "reference"
-    neuroal_strategy: Literal["grid", "coarse"] = "coarse"  # grid's lambdas where measured, 11 passes instead of 29
     calib: str = "wikipedia"  # a corpus name, or the path of a text file, folder or .jsonl file
     bos_per_window: BosPerWindow = "auto"
     nsamples: int = Field(128, ge=1)  # the paper's calibration size
@@ -50,6 +49,24 @@ class PruneConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load pickled .bin weights (unpickling can run code)
+
+    def allocator_options(self) -> BaseModel:
+        """The options of this cell's allocator, from its ``<top_up>_<option>`` fields."""
+        options = ALLOCATORS[self.top_up].Options
+        return options(**{name: getattr(self, f"{self.top_up}_{name}") for name in options.model_fields})
+
+
+def _allocator_option_fields() -> dict:
+    """Every allocator's options as ``<allocator>_<option>`` fields, e.g. ``neuroal_mode``."""
+    return {f"{name}_{option}": (info.annotation, info)
+            for name, allocator in ALLOCATORS.items() for option, info in allocator.Options.model_fields.items()}
+
+
+# The cell settings plus each allocator's options, so that `prune.neuroal_mode` in params.yaml,
+# `--neuroal-mode` and the MLflow param `prune.neuroal_mode` are one key.
+PruneConfig = create_model("PruneConfig", __base__=_CellSettings, __module__=__name__,
+                           __doc__="One pruning cell, with every allocator's options (``<allocator>_<option>``).",
+                           **_allocator_option_fields())
 
 
 def validated(cls: type[BaseModel], **values) -> BaseModel:

@@ -18,14 +18,16 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from neuroal import RESULTS_VERSION
+from neuroal import RESULTS_VERSION, pipeline
 from neuroal.checkpoint import MANIFEST, read_manifest
 from neuroal.config import EvalConfig, PruneConfig
 from neuroal.data import corpus_digest, load_calibration, save_calibration
-from neuroal.digests import json_digest
+from neuroal.digests import file_digest, json_digest
 from neuroal.errors import UserError
+from neuroal.evaluation.evaluate import EvalSpec, evaluate
 from neuroal.files import write_json_atomic
-from neuroal.models import resolve_model
+from neuroal.pipeline import Plan
+from neuroal.pruning import load_allocation, save_allocation
 
 logger = logging.getLogger(__name__)
 
@@ -69,75 +71,59 @@ def model_slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", spec.strip("/")).strip("-.") or "model"
 
 
-@task(name="calibration", task_run_name="calibration-{config.calib}-{config.nsamples}x{config.seqlen}", **COMPUTE)
-def prepare_calibration(config: PruneConfig, cache: Path) -> Ref | None:
+@task(name="calibration", task_run_name="calibration-{plan.config.calib}-{plan.config.nsamples}x{plan.config.seqlen}",
+      **COMPUTE)
+def calibration_windows(plan: Plan, cache: Path) -> Ref | None:
     """Draw (or reuse) the calibration windows of a cell; None when the cell reads no data."""
-    from neuroal.pipeline import calibrate, reads_calibration
-
-    if not reads_calibration(config):
+    if not plan.reads_data:
         return None
-    source = resolve_model(config.model)
-    spec = {"model": source.digest, "corpus": config.calib, "corpus_digest": corpus_digest(config.calib),
-            "bos_per_window": config.bos_per_window, "nsamples": config.nsamples,
-            "seqlen": config.seqlen, "seed": config.seed}
+    c = plan.config
+    spec = {"model": plan.source.digest, "corpus": c.calib, "corpus_digest": corpus_digest(c.calib),
+            "bos_per_window": c.bos_per_window, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed}
     path = Path(cache) / "calibration" / f"{json_digest(spec)[:32]}.safetensors"
     calibration = load_calibration(path)
     if calibration is None:
-        calibration = calibrate(config)
+        calibration = pipeline.calibrate(plan)
         save_calibration(calibration, path)
     return Ref(str(path), calibration.digest)
 
 
-@task(name="dense-activations", task_run_name="dense-activations-{config.method}", **COMPUTE)
-def cache_dense_activations(config: PruneConfig, calibration: Ref | None, cache: Path) -> Ref | None:
+@task(name="dense-activations", task_run_name="dense-activations-{plan.config.method}", **COMPUTE)
+def dense_activations(plan: Plan, calibration: Ref | None, cache: Path) -> Ref | None:
     """The dense model's statistics on the search set, shared by every dense-mode NeuroAl cell."""
-    from neuroal.digests import file_digest
-    from neuroal.pipeline import cache_dense_activations as compute
-
     if calibration is None:
         return None
-    path = compute(config, _calibration(calibration), Path(cache) / "activations")
+    path = pipeline.cache_dense_activations(plan, _calibration(calibration), Path(cache) / "activations")
     return Ref(str(path), file_digest(path)) if path else None
 
 
-@task(name="allocate", task_run_name="allocate-{config.top_up}-s{config.sparsity}", **COMPUTE)
-def allocate(config: PruneConfig, calibration: Ref | None, cache: Path) -> Ref:
-    """The top-up's allocation (NeuroAl's search, OWL's ratios, ...), stored for the prune task."""
-    from neuroal.pipeline import allocate as compute
-    from neuroal.pruning import load_allocation, save_allocation
-
-    key = json_digest({"config": config.model_dump(), "model": resolve_model(config.model).digest,
+@task(name="allocate", task_run_name="allocate-{plan.config.top_up}-s{plan.config.sparsity}", **COMPUTE)
+def allocation(plan: Plan, calibration: Ref | None, cache: Path) -> Ref:
+    """The allocator's targets (NeuroAl's search, OWL's ratios, ...), stored for the prune task."""
+    key = json_digest({"config": plan.config.model_dump(), "model": plan.source.digest,
                        "calibration": calibration.digest if calibration else None, "results": RESULTS_VERSION})
     path = Path(cache) / "allocations" / f"{key[:32]}.safetensors"
     if load_allocation(path) is None:
-        allocated = compute(config, _calibration(calibration), Path(cache) / "activations")
-        save_allocation(path, allocated.allocation, {**allocated.details, "seconds": allocated.seconds})
+        save_allocation(path, pipeline.allocate(plan, _calibration(calibration), Path(cache) / "activations"))
     return Ref(str(path), key)
 
 
-@task(name="prune", task_run_name="prune-{config.method}-{config.top_up}-s{config.sparsity}", **COMPUTE)
-def prune(config: PruneConfig, calibration: Ref | None, allocation: Ref, out: Path) -> Ref:
+@task(name="prune", task_run_name="prune-{plan.config.method}-{plan.config.top_up}-s{plan.config.sparsity}", **COMPUTE)
+def checkpoint(plan: Plan, calibration: Ref | None, allocation: Ref, out: Path) -> Ref:
     """Prune with the stored allocation and write the checkpoint folder (kept if it matches)."""
-    from neuroal.pipeline import Allocated, prune_to_checkpoint
-    from neuroal.pruning import load_allocation
-
     out = Path(out)
-    source = resolve_model(config.model)
-    if _checkpoint_matches(out, config, source.digest, calibration):
+    if _checkpoint_matches(out, plan, calibration):
         logger.info("checkpoint %s is up to date", out)
     else:
-        loaded = load_allocation(Path(allocation.path))
-        if loaded is None:
+        stored = load_allocation(Path(allocation.path))
+        if stored is None:
             raise RuntimeError(f"allocation {allocation.path} is missing or corrupt; rerun the campaign")
-        allocation_map, details = loaded
-        seconds = details.pop("seconds", 0.0)
-        prune_to_checkpoint(config, out, overwrite=True, calibration=_calibration(calibration),
-                            allocated=Allocated(allocation_map, details, seconds))
+        pipeline.prune_to_checkpoint(plan, out, overwrite=True, calibration=_calibration(calibration), allocation=stored)
     return Ref(str(out), json_digest(read_manifest(out)["files"]))
 
 
 @task(name="evaluate", task_run_name="evaluate-{name}", **COMPUTE)
-def evaluate(model: str, settings: EvalConfig, out: Path, name: str, model_digest: str,
+def metrics(model: str, settings: EvalConfig, out: Path, name: str, model_digest: str,
              trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
     """Perplexity and zero-shot metrics of a model or checkpoint, stored as JSON beside it.
 
@@ -145,9 +131,6 @@ def evaluate(model: str, settings: EvalConfig, out: Path, name: str, model_diges
     made from other weights or other settings is recomputed. ``trust_remote_code`` and
     ``allow_pickle`` are the campaign's ``prune`` settings of the same names.
     """
-    from neuroal.evaluation.evaluate import EvalSpec
-    from neuroal.evaluation.evaluate import evaluate as compute
-
     out = Path(out)
     key = json_digest({"weights": model_digest, "eval": settings.model_dump(),
                        "corpora": {corpus: corpus_digest(corpus) for corpus in settings.ppl}})
@@ -159,9 +142,9 @@ def evaluate(model: str, settings: EvalConfig, out: Path, name: str, model_diges
         except (OSError, ValueError):
             pass  # unreadable: recompute
     spec = EvalSpec.of_campaign(model, settings, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    metrics = {"key": key, **compute(spec)}
-    write_json_atomic(out, metrics)
-    return metrics
+    measured = {"key": key, **evaluate(spec)}
+    write_json_atomic(out, measured)
+    return measured
 
 
 def _calibration(ref: Ref | None):
@@ -173,7 +156,7 @@ def _calibration(ref: Ref | None):
     return calibration
 
 
-def _checkpoint_matches(out: Path, config: PruneConfig, source_digest: str, calibration: Ref | None) -> bool:
+def _checkpoint_matches(out: Path, plan: Plan, calibration: Ref | None) -> bool:
     """Whether ``out`` is a complete checkpoint of this very cell (config, model, calibration,
     and code that prunes the same way)."""
     if not (out / MANIFEST).is_file():
@@ -184,6 +167,6 @@ def _checkpoint_matches(out: Path, config: PruneConfig, source_digest: str, cali
         logger.warning("%s; pruning it again", exc)
         return False
     stored_calibration = (manifest.get("calibration") or {}).get("digest")
-    return (manifest.get("config") == config.model_dump() and manifest["source"]["digest"] == source_digest
+    return (manifest.get("config") == plan.config.model_dump() and manifest["source"]["digest"] == plan.source.digest
             and stored_calibration == (calibration.digest if calibration else None)
             and manifest.get("results_version") == RESULTS_VERSION)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import FAMILIES, SMOLLM2_VOCAB, save_tiny_model, tiny_family_configs
-from neuroal.calibration import capture_block_inputs, run_block
+from neuroal.replay import capture_block_inputs, run_block
 from neuroal.cli import main
 from neuroal.models import architecture_of, decoder_blocks, load_model, prunable_linears, resolve_model
-from neuroal.pruning.sequential import layer_sequential
+from neuroal.pruning.layer_sequential import layer_sequential
 from neuroal.pruning.statistics import NORMS
 
 CPU = torch.device("cpu")

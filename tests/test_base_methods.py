@@ -10,8 +10,11 @@ import torch
 
 from neuroal.errors import UserError
 from neuroal.pruning.masks import nm_mask, parse_structure, row_mask
-from neuroal.pruning.scores import magnitude_score, multiflow_score, wanda_score
-from neuroal.pruning.sparsegpt import add_to_hessian, sparsegpt_prune
+from neuroal.pruning.methods.magnitude import magnitude_score
+from neuroal.pruning.methods.multiflow import multiflow_score
+from neuroal.pruning.methods.wanda import wanda_score
+from neuroal.pruning.methods.sparsegpt import sparsegpt_prune
+from neuroal.pruning.statistics import add_to_hessian
 
 
 def seeded(seed: int) -> torch.Generator:

@@ -20,7 +20,7 @@ from neuroal.data import CalibrationSpec, load_documents, load_text, resolve_bos
 from neuroal.errors import UserError
 from neuroal.evaluation import eval_windows, perplexity
 from neuroal.models import load_model, resolve_model
-from neuroal.pipeline import calibrate
+from neuroal.pipeline import Plan, calibrate
 
 CPU = torch.device("cpu")
 
@@ -74,21 +74,21 @@ def test_config_key_reads_yaml_on_off():
 
 
 def test_gemma3_calibration_windows_start_with_bos(tiny_gemma3, tokenizer):
-    drawn = calibrate(cell(tiny_gemma3))
+    drawn = calibrate(Plan.of(cell(tiny_gemma3)))
     bos = tokenizer.bos_token_id
     assert drawn.spec.bos_per_window is True and drawn.input_ids.shape == (6, 32)
     assert (drawn.input_ids[:, 0] == bos).all()
     documents = [as_key(tokenizer(d, add_special_tokens=False).input_ids) for d in load_documents("lee", "train")]
     for row in drawn.input_ids:  # the rest is 31 contiguous tokens of one document
         assert any(as_key(row[1:]) in doc for doc in documents)
-    off = calibrate(cell(tiny_gemma3, bos_per_window="off"))
+    off = calibrate(Plan.of(cell(tiny_gemma3, bos_per_window="off")))
     assert off.spec.bos_per_window is False and not (off.input_ids[:, 0] == bos).all()
 
 
 def test_llama_calibration_is_the_reference_stream(tiny_llama, tokenizer):
     """auto on a Llama equals off, equals the reference loop: SmolLM2-like results unchanged."""
-    auto = calibrate(cell(tiny_llama))
-    off = calibrate(cell(tiny_llama, bos_per_window="off"))
+    auto = calibrate(Plan.of(cell(tiny_llama)))
+    off = calibrate(Plan.of(cell(tiny_llama, bos_per_window="off")))
     assert auto.spec.bos_per_window is False
     assert torch.equal(auto.input_ids, off.input_ids) and auto.digest == off.digest
     state = random.getstate()  # the transcribed reference seeds the global generator
@@ -97,7 +97,7 @@ def test_llama_calibration_is_the_reference_stream(tiny_llama, tokenizer):
     finally:
         random.setstate(state)
     assert torch.equal(auto.input_ids, expected)
-    on = calibrate(cell(tiny_llama, bos_per_window="on"))
+    on = calibrate(Plan.of(cell(tiny_llama, bos_per_window="on")))
     assert on.spec.bos_per_window is True and (on.input_ids[:, 0] == tokenizer.bos_token_id).all()
 
 

@@ -103,13 +103,14 @@ def test_a_flaky_task_is_retried_and_a_failing_cell_fails_the_campaign_only(work
 
     real, failures = neuroal.pipeline.prune_to_checkpoint, {"flaky": 0}
 
-    def faulty(config, *args, **kwargs):
+    def faulty(plan, *args, **kwargs):
+        config = plan.config
         if config.method == "magnitude" and config.top_up == "uniform" and failures["flaky"] == 0:
             failures["flaky"] += 1
             raise OSError("transient: disk full")  # once: the retry succeeds
         if config.method == "wanda" and config.top_up == "neuroal":
             raise OSError("permanent fault")
-        return real(config, *args, **kwargs)
+        return real(plan, *args, **kwargs)
 
     monkeypatch.setattr(neuroal.pipeline, "prune_to_checkpoint", faulty)
     assert main(["campaign"]) == 1

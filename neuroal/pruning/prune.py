@@ -1,4 +1,4 @@
-"""Wiring: apply a base method (and a top-up's mask refinement) with an allocation, block by
+"""Wiring: apply a base method (and an allocator's mask refinement) with an allocation, block by
 block."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import logging
 import torch
 from torch import nn
 
+from pydantic import BaseModel
+
 from neuroal.models import architecture_of, prunable_linears
-from neuroal.pruning.allocators import Allocation
-from neuroal.pruning.methods import BaseMethod, Structure
-from neuroal.pruning.topups import TopUp
-from neuroal.pruning.sequential import layer_sequential
+from neuroal.pruning.layer_sequential import layer_sequential
+from neuroal.pruning.plugin import Allocator, BaseMethod, Structure, Target
 
 logger = logging.getLogger(__name__)
 
@@ -21,38 +21,45 @@ logger = logging.getLogger(__name__)
 def prune_model(
     model: nn.Module,
     method: BaseMethod,
-    allocation: Allocation,
+    targets: dict[str, Target],
     calibration_ids: torch.Tensor | None,
     device: torch.device,
     batch_size: int = 8,
     structure: Structure = None,
-    top_up: TopUp | None = None,
+    allocator: Allocator | None = None,
+    options: BaseModel | None = None,
 ) -> None:
     """Prune ``model`` in place, block by block, with the reference's layer-sequential procedure.
 
-    A top-up's refinement (DSnoT) moves mask entries after the base method; weights it regrows
-    come back with their original values, so it composes with SparseGPT's updated weights too.
+    ``targets``: a sparsity (or per-row sparsities) per module full name. An allocator's
+    refinement (DSnoT, with its ``options``) moves mask entries after the base method; weights it
+    regrows come back with their original values, so it composes with SparseGPT's updated weights.
     """
-    kinds = method.statistics | (top_up.statistics if top_up else frozenset())
-    refined = _refined_modules(model, top_up)
+    kinds = method.statistics | (allocator.statistics if allocator else frozenset())
+    refined = _refined_modules(model, allocator)
     for step in layer_sequential(model, calibration_ids, device, batch_size, kinds, desc=f"prune {method.name}"):
         for name, linear in step.linears.items():
             original, stats = linear.weight, step.stats.get(name)
-            weight, mask = method.prune(original, stats, allocation[f"{step.prefix}.{name}"], structure)
+            weight, mask = method.prune(original, stats, targets[f"{step.prefix}.{name}"], structure)
             if name in refined:
-                base_mask, mask = mask, top_up.refine(original, mask, stats, structure)
+                base_mask, mask = mask, allocator.refine(original, mask, stats, structure, options or allocator.Options())
                 weight = torch.where(base_mask & ~mask, original, weight)
             if weight is not original:
                 linear.weight.copy_(weight)
             linear.weight.masked_fill_(mask, 0)
 
 
-def _refined_modules(model: nn.Module, top_up: TopUp | None) -> set[str]:
-    """Block-relative names of the modules a top-up refines, from the architecture's roles."""
-    if top_up is None or top_up.refine is None:
+def needs_calibration(method: BaseMethod, allocator: Allocator) -> bool:
+    """Whether this combination reads calibration data at all (magnitude + uniform does not)."""
+    return bool(method.statistics or allocator.statistics or allocator.reads_data)
+
+
+def _refined_modules(model: nn.Module, allocator: Allocator | None) -> set[str]:
+    """Block-relative names of the modules an allocator refines, from the architecture's roles."""
+    if allocator is None or allocator.refine is None:
         return set()
     roles = architecture_of(model).roles()
-    return {name for role in top_up.refine_roles for name in roles[role]}
+    return {name for role in allocator.refine_roles for name in roles[role]}
 
 
 def sparsity_report(model: nn.Module) -> dict:

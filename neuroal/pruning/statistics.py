@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +13,6 @@ import torch
 
 from neuroal.digests import tensors_digest
 from neuroal.files import read_tensors, write_tensors_atomic
-from neuroal.pruning.dsnot import ColumnStats, add_to_stats
-from neuroal.pruning.sparsegpt import add_to_hessian
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +53,132 @@ class InputStats:
     def norms(self) -> torch.Tensor:
         """Wanda's ``a``: per column ``sqrt(mean over samples of ||X_j||^2)``."""
         return torch.sqrt(self.sq_sum / self.nsamples)
+
+
+# The accumulators, one per kind. SparseGPT's Hessian:
+
+
+def add_to_hessian(
+    hessian: torch.Tensor | None, count: int, x: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Fold one batch of module inputs into the running Hessian ``H = (2 / n) sum_samples X^T X``.
+
+    Same running-average semantics as the reference ``add_batch``: the old ``H`` is rescaled by
+    ``count / (count + batch)`` and the batch added as ``(sqrt(2 / n) X)^T (sqrt(2 / n) X)``, so at
+    every step ``H`` equals ``2 / n`` times the sum over all ``n`` samples so far. Float32.
+
+    Args:
+        hessian: the running ``[in, in]`` float32 Hessian, updated in place (to save a copy of a
+            possibly large matrix); None before the first batch.
+        count: samples folded in so far (0 before the first batch).
+        x: one batch of inputs, ``[batch, tokens, in]`` (``batch`` samples) or ``[tokens, in]``
+            (one sample).
+
+    Returns:
+        ``(hessian, count)`` after this batch.
+    """
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    batch, columns = x.shape[0], x.shape[-1]
+    if hessian is None:
+        hessian = torch.zeros((columns, columns), dtype=torch.float32, device=x.device)
+    if batch == 0:
+        return hessian, count
+    total = count + batch
+    hessian.mul_(count / total)
+    scaled = math.sqrt(2 / total) * x.reshape(-1, columns).float()
+    hessian.addmm_(scaled.t(), scaled)
+    return hessian, total
+
+
+# DSnoT's per-column moments:
+
+
+@dataclass(frozen=True)
+class ColumnStats:
+    """Per input column statistics of one module's calibration inputs, for DSnoT.
+
+    A "sample" is one calibration sequence (one row of a ``[batch, tokens, in]`` batch); sums run
+    over every token of every sample seen. The authors' ``WrappedGPT.add_batch`` is called with one
+    sample at a time, so their per-call quantities are per-sample ones; keeping per-sample sums
+    makes the result independent of how samples are batched here.
+
+    Attributes:
+        nsamples: samples seen.
+        ntokens: tokens seen, over all samples.
+        col_sum: ``sum_{s,t} x_{s,t,j}``.
+        sq_sum: ``sum_{s,t} x_{s,t,j}^2``.
+        within_ss: ``sum_s sum_t (x_{s,t,j} - mean_t x_{s,t,j})^2``, each sample about its own mean.
+    """
+
+    nsamples: int
+    ntokens: int
+    col_sum: torch.Tensor
+    sq_sum: torch.Tensor
+    within_ss: torch.Tensor
+
+    @property
+    def sum_per_sample(self) -> torch.Tensor:
+        """The authors' ``sum_metric_row``: mean over samples of the sum over that sample's tokens.
+
+        Equals ``tokens per sample * mean`` for equal-length samples. DSnoT's error ``eps`` and the
+        ``update_threshold`` it is compared with are in these units.
+        """
+        return self.col_sum / self.nsamples
+
+    @property
+    def wanda_norm(self) -> torch.Tensor:
+        """The authors' ``sqrt(scaler_row)``: ``sqrt(mean over samples of ||X_j||^2)`` (Wanda's ``a``)."""
+        return torch.sqrt(self.sq_sum / self.nsamples)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """The authors' ``var``: per-sample biased variance over tokens, token-weighted mean over samples.
+
+        This is the pooled *within-sample* variance, not the variance over all tokens
+        (:attr:`total_var`): it leaves out how much the samples' means differ.
+        """
+        return self.within_ss / self.ntokens
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean over all tokens (the authors' ``mean``; their pruning code does not read it)."""
+        return self.col_sum / self.ntokens
+
+    @property
+    def total_var(self) -> torch.Tensor:
+        """Biased variance over all tokens of all samples (for reference; DSnoT reads :attr:`var`)."""
+        return (self.sq_sum / self.ntokens - self.mean**2).clamp_min(0)
+
+
+def add_to_stats(stats: ColumnStats | None, x: torch.Tensor) -> ColumnStats:
+    """Fold one batch of a module's inputs into its DSnoT statistics.
+
+    Args:
+        stats: the statistics so far, or ``None`` for the first batch.
+        x: module inputs, ``[batch, tokens, in]`` (a 2-D ``[tokens, in]`` is one sample, as the
+            authors' ``unsqueeze(0)``). Accumulated in float32 like the authors, on ``x``'s device.
+
+    Returns:
+        New statistics; ``stats`` is not modified.
+    """
+    x = x.detach().float()
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    x = x.reshape(-1, x.shape[-2], x.shape[-1])  # any leading dims are samples
+    samples, tokens, _ = x.shape
+    col_sum = x.sum(dim=(0, 1))
+    sq_sum = (x * x).sum(dim=(0, 1))
+    within_ss = (torch.var(x, dim=1, unbiased=False) * tokens).sum(dim=0)
+    if stats is None:
+        return ColumnStats(samples, samples * tokens, col_sum, sq_sum, within_ss)
+    return ColumnStats(
+        stats.nsamples + samples,
+        stats.ntokens + samples * tokens,
+        stats.col_sum + col_sum,
+        stats.sq_sum + sq_sum,
+        stats.within_ss + within_ss,
+    )
 
 
 def save_stats(path: Path, blocks: list[dict[str, InputStats]]) -> None:

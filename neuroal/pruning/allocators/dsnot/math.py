@@ -26,100 +26,13 @@ and leaves the MLP ones with their base mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from neuroal.pruning.statistics import ColumnStats
 
 MAX_CYCLES = 50  # the authors' README command and their later main.py default (--max_cycle_time)
 UPDATE_THRESHOLD = 0.1  # same source (--update_threshold); absolute, in units of the error eps
 POW_OF_VAR = 1.0  # same source (--pow_of_var_regrowing): divide the regrow metric by Var^1
-
-
-@dataclass(frozen=True)
-class ColumnStats:
-    """Per input column statistics of one module's calibration inputs, for DSnoT.
-
-    A "sample" is one calibration sequence (one row of a ``[batch, tokens, in]`` batch); sums run
-    over every token of every sample seen. The authors' ``WrappedGPT.add_batch`` is called with one
-    sample at a time, so their per-call quantities are per-sample ones; keeping per-sample sums
-    makes the result independent of how samples are batched here.
-
-    Attributes:
-        nsamples: samples seen.
-        ntokens: tokens seen, over all samples.
-        col_sum: ``sum_{s,t} x_{s,t,j}``.
-        sq_sum: ``sum_{s,t} x_{s,t,j}^2``.
-        within_ss: ``sum_s sum_t (x_{s,t,j} - mean_t x_{s,t,j})^2``, each sample about its own mean.
-    """
-
-    nsamples: int
-    ntokens: int
-    col_sum: torch.Tensor
-    sq_sum: torch.Tensor
-    within_ss: torch.Tensor
-
-    @property
-    def sum_per_sample(self) -> torch.Tensor:
-        """The authors' ``sum_metric_row``: mean over samples of the sum over that sample's tokens.
-
-        Equals ``tokens per sample * mean`` for equal-length samples. DSnoT's error ``eps`` and the
-        ``update_threshold`` it is compared with are in these units.
-        """
-        return self.col_sum / self.nsamples
-
-    @property
-    def wanda_norm(self) -> torch.Tensor:
-        """The authors' ``sqrt(scaler_row)``: ``sqrt(mean over samples of ||X_j||^2)`` (Wanda's ``a``)."""
-        return torch.sqrt(self.sq_sum / self.nsamples)
-
-    @property
-    def var(self) -> torch.Tensor:
-        """The authors' ``var``: per-sample biased variance over tokens, token-weighted mean over samples.
-
-        This is the pooled *within-sample* variance, not the variance over all tokens
-        (:attr:`total_var`): it leaves out how much the samples' means differ.
-        """
-        return self.within_ss / self.ntokens
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """Mean over all tokens (the authors' ``mean``; their pruning code does not read it)."""
-        return self.col_sum / self.ntokens
-
-    @property
-    def total_var(self) -> torch.Tensor:
-        """Biased variance over all tokens of all samples (for reference; DSnoT reads :attr:`var`)."""
-        return (self.sq_sum / self.ntokens - self.mean**2).clamp_min(0)
-
-
-def add_to_stats(stats: ColumnStats | None, x: torch.Tensor) -> ColumnStats:
-    """Fold one batch of a module's inputs into its DSnoT statistics.
-
-    Args:
-        stats: the statistics so far, or ``None`` for the first batch.
-        x: module inputs, ``[batch, tokens, in]`` (a 2-D ``[tokens, in]`` is one sample, as the
-            authors' ``unsqueeze(0)``). Accumulated in float32 like the authors, on ``x``'s device.
-
-    Returns:
-        New statistics; ``stats`` is not modified.
-    """
-    x = x.detach().float()
-    if x.dim() == 2:
-        x = x.unsqueeze(0)
-    x = x.reshape(-1, x.shape[-2], x.shape[-1])  # any leading dims are samples
-    samples, tokens, _ = x.shape
-    col_sum = x.sum(dim=(0, 1))
-    sq_sum = (x * x).sum(dim=(0, 1))
-    within_ss = (torch.var(x, dim=1, unbiased=False) * tokens).sum(dim=0)
-    if stats is None:
-        return ColumnStats(samples, samples * tokens, col_sum, sq_sum, within_ss)
-    return ColumnStats(
-        stats.nsamples + samples,
-        stats.ntokens + samples * tokens,
-        stats.col_sum + col_sum,
-        stats.sq_sum + sq_sum,
-        stats.within_ss + within_ss,
-    )
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from neuroal.calibration import capture_block_inputs, observe_inputs, onloaded, run_block
+from neuroal.replay import capture_block_inputs, observe_inputs, onloaded, run_block
 from neuroal.models import architecture_of, block_linears, decoder_blocks
 from neuroal.progress import progress
 from neuroal.pruning.statistics import InputStats

@@ -1,19 +1,12 @@
-"""Importance scores: pure functions of a weight matrix (out x in) and calibration statistics.
-Higher score = more important = kept longer."""
+"""MULTIFLOW (Farina et al., CVPR 2024): Wanda's score weighted by the information flow through
+the weight's input and output neurons."""
 
 from __future__ import annotations
 
 import torch
 
-
-def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
-    """``|W|``."""
-    return weight.abs().float()
-
-
-def wanda_score(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
-    """``|W| * a``, with ``a`` the per-input-column activation norm broadcast over rows (Wanda)."""
-    return weight.abs().float() * act_norm.float().unsqueeze(0)
+from neuroal.pruning.methods import score_based
+from neuroal.pruning.statistics import NORMS
 
 
 def multiflow_score(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
@@ -37,3 +30,7 @@ def multiflow_score(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tenso
     importance_out = flow.mean(dim=1)
     importance_in = flow.mean(dim=0)
     return magnitude * torch.outer(importance_out, importance_in)
+
+
+METHOD = score_based("multiflow", "|W| x information flow of its input and output neurons",
+                     lambda w, stats: multiflow_score(w, stats.norms()), (NORMS,))

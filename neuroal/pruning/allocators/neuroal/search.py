@@ -1,23 +1,14 @@
-"""NeuroAl (Cunegatti, Custode, Iacca, TMLR 2025): search the block-wise and then the row-wise
-sparsity distribution whose sparse activations stay closest to the dense ones. The specification
-is ``NEUROAL.md``; this module is its math (pure functions) and its search loop.
+"""NeuroAl's search (docs/algorithm.md, "NeuroAl"): score candidate lambdas with layer-sequential
+passes over the search set, block step then row step, and return the allocation of the winners.
 
-Speed: the first five points change nothing the search chooses; the sixth trades the exhaustive
-grid for time.
+What makes it affordable without changing what it chooses:
 - the search set's block inputs are captured once per search, not once per candidate;
 - reference mode reuses block 0's dense statistics (its inputs never change);
-- dense mode compares against the fully dense model's statistics, computed once per model and
-  search set (and kept on disk for every later sparsity, method and candidate), and prunes
-  candidates with those fixed scores, so each module's scores are ranked once;
+- dense mode reads the fully dense model's statistics, computed once per model and search set
+  (and kept on disk), and prunes candidates with those fixed scores, ranked once per module;
 - a candidate stops as soon as its running score can no longer win (scores only grow);
-- the row candidate lambda = 0 repeats the block winner and is not evaluated again;
-- the ``coarse`` strategy walks the grid coarse to fine instead of trying every point: a
-  golden-section search in lambda that brackets the minimum between the best point and its
-  probed neighbours (the grid's minimum when the score curve has a single one). On smollm2-135m
-  with wanda it probes 9-10 of the 29 candidates; the score curves there have small bumps, so it
-  chose the grid's lambdas at 50%, a local minimum of the block curve at 60% (0.09 for 0.12, a
-  score 0.4% higher) and of the row curve at 70% (0.12 for 0.20, 0.5% higher; the authors' code
-  chose 0.15 / 0.12 there too).
+- the row candidate lambda = 0 repeats the block winner and is not scored again.
+The ``coarse`` strategy (``strategies.py``) trades the exhaustive grid for fewer passes.
 """
 
 from __future__ import annotations
@@ -25,61 +16,43 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from neuroal.calibration import BlockInputs, capture_block_inputs, observe_inputs, onloaded
 from neuroal.digests import json_digest, tensors_digest
 from neuroal.models import Architecture, architecture_of, block_linears, decoder_blocks
 from neuroal.progress import progress
-from neuroal.pruning.allocators import AllocationContext
+from neuroal.pruning.allocators.neuroal.math import (
+    ROW_LAMBDAS,
+    alignment_distance,
+    block_lambdas,
+    block_schedule,
+    producer_vectors,
+    row_sparsities,
+)
+from neuroal.pruning.allocators.neuroal.strategies import STRATEGIES
 from neuroal.pruning.masks import mask_from_ranks, prune_counts, row_ranks
-from neuroal.pruning.methods import BaseMethod, Target
+from neuroal.pruning.plugin import BaseMethod, Target
 from neuroal.pruning.statistics import NORMS, InputStats, load_stats, save_stats
+from neuroal.replay import BlockInputs, capture_block_inputs, observe_inputs, onloaded
 
 logger = logging.getLogger(__name__)
 
-BLOCK_LAMBDAS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.12, 0.15, 0.20, 0.25)
-ROW_LAMBDAS = (0.0, *BLOCK_LAMBDAS)
-CLIP = (0.01, 0.99)  # no module or row is left fully dense or fully pruned
-STEPS = ("block", "row", "both")
-MODES = ("reference", "dense")
-STRATEGIES = ("grid", "coarse")
 
 
-def block_lambdas(sparsity: float) -> list[float]:
-    """Block-step candidates: the grid, without 0.25 at 80% sparsity and above (it would clip)."""
-    return [lam for lam in BLOCK_LAMBDAS if not (sparsity >= 0.8 and lam == 0.25)]
+class Options(BaseModel):
+    """NeuroAl's options (``--neuroal-step``, ``--neuroal-mode``, ``--neuroal-strategy``)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-def block_schedule(num_blocks: int, sparsity: float, lam: float) -> list[float]:
-    """Per-block sparsity: ``s - lambda`` for the first block to ``s + lambda`` for the last, linear."""
-    raw = torch.arange(1, num_blocks + 1, dtype=torch.float64)
-    density = _spread(raw, 1 - sparsity, lam).sort(descending=True).values
-    return [min(max(1 - d, CLIP[0]), CLIP[1]) for d in density.tolist()]
-
-
-def row_sparsities(vector: torch.Tensor, module_sparsity: float, lam: float) -> torch.Tensor:
-    """Per-row sparsity of a producer from its consumer's delta: a larger delta, a denser row."""
-    density = _spread(vector.double(), 1 - module_sparsity, lam)
-    return (1 - density).clamp(*CLIP)
-
-
-def _spread(values: torch.Tensor, mean_density: float, lam: float) -> torch.Tensor:
-    """Min-max normalise to ``[0, 2 lambda]`` and shift to ``mean_density``; constant -> flat."""
-    span = values.max() - values.min()
-    if span == 0:
-        return torch.full_like(values, mean_density)
-    scaled = (values - values.min()) / span * (2 * lam)
-    return scaled - scaled.mean() + mean_density
-
-
-def alignment_distance(a_dense: torch.Tensor, a_sparse: torch.Tensor) -> float:
-    """``|| a_dense/sum(a_dense) - a_sparse/sum(a_sparse) ||_2 / numel``: how far apart the two
-    activation-norm profiles are, whatever their scale."""
-    gap = a_dense.double() / a_dense.double().sum() - a_sparse.double() / a_sparse.double().sum()
-    return float(torch.linalg.vector_norm(gap) / a_dense.numel())
+    step: Literal["block", "row", "both"] = Field("both", description="block step, row step, or both")
+    # reference: each block against its own dense output on the sparse inputs; dense: against the
+    # fully dense model. Measured: dense always chose the largest lambda and lost to uniform.
+    mode: Literal["reference", "dense"] = Field("reference", description="what a block's activations are compared with")
+    strategy: Literal["grid", "coarse"] = Field("coarse", description="every candidate, or a golden-section walk")
 
 
 @dataclass
@@ -117,16 +90,14 @@ class NeuroalSearch:
 
 
 @torch.no_grad()
-def neuroal_search(
+def search_lambdas(
     model: nn.Module,
     method: BaseMethod,
     sparsity: float,
     search_ids: torch.Tensor,
     device: torch.device,
+    options: Options = Options(),
     *,
-    step: str = "both",
-    mode: str = "reference",
-    strategy: str = "grid",
     batch_size: int = 8,
     dense_cache: Path | None = None,
 ) -> NeuroalSearch:
@@ -137,10 +108,8 @@ def neuroal_search(
     ``dense_cache`` (see ``dense_cache_file``) keeps the dense model's statistics on disk for
     every later search on the same model and search set.
     """
-    for value, allowed in ((step, STEPS), (mode, MODES), (strategy, STRATEGIES)):
-        if value not in allowed:
-            raise ValueError(f"{value!r} is not one of {allowed}")
-    search = _Search(model, method, search_ids, device, batch_size, mode, dense_cache)
+    strategy = options.strategy
+    search = _Search(model, method, search_ids, device, batch_size, options.mode, dense_cache)
     num_blocks = len(search.blocks)
 
     def block_targets(lam):
@@ -150,15 +119,15 @@ def neuroal_search(
     best_targets = block_targets(block.lam)
     result = NeuroalSearch(block.lam, None, block.scores, {}, block_schedule(num_blocks, sparsity, block.lam),
                            search.allocation(best_targets), block_stopped=block.stopped)
-    if step == "block" or method.score is None:  # no row step for SparseGPT (NEUROAL.md)
+    if options.step == "block" or method.score is None:  # no row step for SparseGPT (docs/algorithm.md)
         return result
 
-    vectors = [_producer_vectors(search, block.deltas, i) for i in range(num_blocks)]
-
     shapes = [{n: tuple(lin.weight.shape) for n, lin in block_linears(b).items()} for b in search.blocks]
+    vectors = [producer_vectors(search.arch, block.deltas, i, {n: shape[0] for n, shape in shapes[i].items()},
+                                model.config) for i in range(num_blocks)]
 
     def row_targets(lam):
-        # The row step prunes every module with per-row masks (NEUROAL.md); a missing, zero or
+        # The row step prunes every module with per-row masks (docs/algorithm.md); a missing, zero or
         # constant vector gives each row the module's own sparsity.
         return [
             {n: row_sparsities(vectors[i][n], s, lam) if n in vectors[i] else torch.full(shapes[i][n][:1], s, dtype=torch.float64)
@@ -173,18 +142,6 @@ def neuroal_search(
     result.row_lambda, result.row_scores, result.row_stopped = row.lam, row.scores, row.stopped
     result.allocation = search.allocation(row_targets(row.lam))
     return result
-
-
-def neuroal_allocate(ctx: AllocationContext) -> dict[str, Target]:
-    """The NeuroAl top-up as an allocator: search on ``ctx.search_ids`` with ``ctx.method``."""
-    options = {"step": "both", "mode": "reference", "strategy": "coarse", **ctx.options}
-    cache = None
-    if options["mode"] == "dense" and ctx.cache_dir is not None and ctx.model_digest:
-        cache = dense_cache_file(ctx.cache_dir, ctx.model_digest, ctx.method, ctx.search_ids, ctx.model, ctx.device)
-    result = neuroal_search(ctx.model, ctx.method, ctx.sparsity, ctx.search_ids, ctx.device,
-                            batch_size=ctx.batch_size, dense_cache=cache, **options)
-    ctx.details["neuroal"] = {**options, **result.to_dict()}
-    return result.allocation
 
 
 @torch.no_grad()
@@ -257,7 +214,7 @@ class _Search:
     def choose(self, lambdas, targets_for, strategy: str, what: str, known: dict | None = None) -> _Outcome:
         """Score candidates (every one, or a coarse-to-fine walk) and return the lowest; ties go to
         the first listed."""
-        walk = _grid_walk(len(lambdas)) if strategy == "grid" else _coarse_walk(list(lambdas))
+        walk = STRATEGIES[strategy](list(lambdas))
         known = known or {}
         best: _Outcome | None = None
         for lam, outcome in known.items():  # already scored: a free bound for early stopping
@@ -355,90 +312,6 @@ class _Search:
                 inputs = observe_inputs(block, linears, inputs, lambda n, x: stats[n].add(x))
             dense_stats.append(stats)
         return dense_stats
-
-
-def _producer_vectors(search: _Search, deltas: list[dict[str, torch.Tensor]], index: int) -> dict[str, torch.Tensor]:
-    """Each producer module's per-row vector: the delta of the module that reads its output rows,
-    fitted to the producer's rows.
-
-    The mapping is by architecture role (NEUROAL.md, row step). The MLP output takes the next
-    block's attention-input delta; the last block's keeps its block sparsity.
-    """
-    arch = search.arch
-    block = deltas[index]
-    consumer_of = {}
-    for producers, consumer in ((arch.attn_in, arch.attn_out), (arch.attn_out, arch.mlp_in), (arch.mlp_in, arch.mlp_out)):
-        if consumer and consumer[0] in block:
-            consumer_of.update({name: block[consumer[0]] for name in producers})
-    if index + 1 < len(deltas) and arch.attn_in:
-        consumer_of.update({name: deltas[index + 1][arch.attn_in[0]] for name in arch.mlp_out})
-    linears = block_linears(search.blocks[index])
-    return {
-        name: fit_rows(vector, linears[name].out_features, search.model.config, arch.qkv_layout)
-        for name, vector in consumer_of.items()
-    }
-
-
-def fit_rows(vector: torch.Tensor, rows: int, config, qkv_layout: str = "concat") -> torch.Tensor:
-    """Shape a consumer's delta to a producer's rows: as is, folded over grouped query heads (k, v
-    under grouped-query attention), or repeated for fused projections (qkv, gate_up)."""
-    if rows == vector.numel():
-        return vector
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = vector.numel() // heads
-    folded = vector.reshape(kv_heads, heads // kv_heads, head_dim).mean(dim=1).flatten()
-    if rows == folded.numel():
-        return folded
-    if rows == vector.numel() + 2 * folded.numel():  # fused q, k, v
-        if qkv_layout == "per_head":
-            return vector.reshape(heads, 1, head_dim).expand(heads, 3, head_dim).flatten()
-        return torch.cat([vector, folded, folded])
-    if rows == 2 * vector.numel():  # fused gate and up
-        return torch.cat([vector, vector])
-    raise ValueError(f"cannot map a delta of {vector.numel()} entries onto {rows} rows")
-
-
-def _grid_walk(n: int):
-    """Every grid index in order (the exhaustive search); what the caller sends back is not needed."""
-    for index in range(n):
-        yield index
-
-
-_GOLDEN = (3 - 5 ** 0.5) / 2  # 0.382: where golden-section search places its next probe
-
-
-def _coarse_walk(values):
-    """Grid indices for a golden-section search over the lambda ``values``; the caller sends back
-    the best index after each.
-
-    The best point so far and its nearest probed neighbours (worse, on a single-minimum curve)
-    bracket the minimum; the next probe is the grid point nearest to 0.382 of the way from the
-    best point into the longer side of the bracket, and the search ends when both neighbours of
-    the best point are probed. Distances are in lambda, not grid steps: the grid is finer below
-    0.10, and the curve is smooth in lambda. On a single-minimum curve it returns the grid's
-    minimum after 4-6 probes of 14-15; every index is probed at most once.
-    """
-    first = _nearest(values, range(len(values)), values[0] + _GOLDEN * (values[-1] - values[0]))
-    tried = {first}
-    best = yield first
-    while True:
-        lo = max((i for i in tried if i < best), default=-1) + 1
-        hi = min((i for i in tried if i > best), default=len(values)) - 1
-        left, right = values[best] - values[lo], values[hi] - values[best]
-        if left == right == 0:
-            return
-        if right >= left:
-            probe = _nearest(values, range(best + 1, hi + 1), values[best] + _GOLDEN * right)
-        else:
-            probe = _nearest(values, range(lo, best), values[best] - _GOLDEN * left)
-        tried.add(probe)
-        best = yield probe
-
-
-def _nearest(values, indices, target: float) -> int:
-    """The index among ``indices`` whose value is nearest to ``target`` (the lower one on a tie)."""
-    return min(indices, key=lambda i: (abs(values[i] - target), i))
 
 
 def _rank(lam, lambdas) -> int:

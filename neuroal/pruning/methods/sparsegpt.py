@@ -22,13 +22,14 @@ Differences from the reference, all where its behaviour is undefined or a crash:
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import torch
 
 from neuroal.errors import UserError
 from neuroal.pruning.masks import check_nm, nm_mask
+from neuroal.pruning.plugin import BaseMethod, Structure, Target
+from neuroal.pruning.statistics import HESSIAN, InputStats
 
 logger = logging.getLogger(__name__)
 
@@ -36,39 +37,6 @@ BLOCKSIZE = 128  # the reference's default: columns handled per lazy batch of OB
 PERCDAMP = 0.01  # the reference's default: damping = 1% of the mean Hessian diagonal
 _RETRY_GROWTH = 10.0  # each retry multiplies the damping by 10, to cross orders of magnitude quickly
 _RETRIES = 6  # after 6 retries the damping is 10^4 x mean diag: H is then diagonal-dominant
-
-
-def add_to_hessian(
-    hessian: torch.Tensor | None, count: int, x: torch.Tensor
-) -> tuple[torch.Tensor, int]:
-    """Fold one batch of module inputs into the running Hessian ``H = (2 / n) sum_samples X^T X``.
-
-    Same running-average semantics as the reference ``add_batch``: the old ``H`` is rescaled by
-    ``count / (count + batch)`` and the batch added as ``(sqrt(2 / n) X)^T (sqrt(2 / n) X)``, so at
-    every step ``H`` equals ``2 / n`` times the sum over all ``n`` samples so far. Float32.
-
-    Args:
-        hessian: the running ``[in, in]`` float32 Hessian, updated in place (to save a copy of a
-            possibly large matrix); None before the first batch.
-        count: samples folded in so far (0 before the first batch).
-        x: one batch of inputs, ``[batch, tokens, in]`` (``batch`` samples) or ``[tokens, in]``
-            (one sample).
-
-    Returns:
-        ``(hessian, count)`` after this batch.
-    """
-    if x.dim() == 2:
-        x = x.unsqueeze(0)
-    batch, columns = x.shape[0], x.shape[-1]
-    if hessian is None:
-        hessian = torch.zeros((columns, columns), dtype=torch.float32, device=x.device)
-    if batch == 0:
-        return hessian, count
-    total = count + batch
-    hessian.mul_(count / total)
-    scaled = math.sqrt(2 / total) * x.reshape(-1, columns).float()
-    hessian.addmm_(scaled.t(), scaled)
-    return hessian, total
 
 
 @torch.no_grad()
@@ -202,3 +170,14 @@ def _inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
                 return upper
         logger.warning("sparsegpt: Cholesky failed with damping %.3g x mean diagonal; retrying", fraction)
     raise RuntimeError("sparsegpt: the Hessian cannot be factorised at any damping; are the inputs finite?")
+
+
+def _prune(weight: torch.Tensor, stats: InputStats, target: Target, structure: Structure):
+    if isinstance(target, torch.Tensor):
+        raise UserError("sparsegpt takes one sparsity per module, not per-row sparsities")
+    n, m = structure or (0, 0)
+    return sparsegpt_prune(weight, stats.hessian, target, prune_n=n, prune_m=m)
+
+
+METHOD = BaseMethod("sparsegpt", "optimal brain surgeon per row, updating the weights it keeps", frozenset((HESSIAN,)),
+                    _prune)

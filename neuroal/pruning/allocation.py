@@ -1,0 +1,66 @@
+"""Allocations, whoever made them: block targets spread to modules, and the file a campaign keeps
+between its allocation and prune tasks. A target is one sparsity for a module, or a tensor of
+per-row sparsities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from neuroal.digests import tensors_digest
+from neuroal.files import read_tensors, write_tensors_atomic
+from neuroal.pruning.plugin import Allocation
+
+
+def expand_to_modules(
+    block_sparsities: list[float], module_names_by_block: list[list[str]]
+) -> dict[str, float]:
+    """Give every module of a block its block's sparsity.
+
+    Args:
+        block_sparsities: one sparsity per block.
+        module_names_by_block: for each block, the full names of its prunable modules (e.g.
+            ``model.layers.3.mlp.up_proj``), in the same block order.
+
+    Returns:
+        ``{module full name: sparsity}``, in block then module order.
+
+    Raises:
+        ValueError: if the two sequences differ in length or a module name repeats.
+    """
+    if len(block_sparsities) != len(module_names_by_block):
+        raise ValueError(
+            f"{len(block_sparsities)} block sparsities for {len(module_names_by_block)} blocks of module names"
+        )
+    allocation: dict[str, float] = {}
+    for value, names in zip(block_sparsities, module_names_by_block):
+        for name in names:
+            if name in allocation:
+                raise ValueError(f"module {name!r} appears in more than one block")
+            allocation[name] = float(value)
+    return allocation
+
+
+def save_allocation(path: Path, allocation: Allocation) -> None:
+    """Write an allocation (targets and details) to a safetensors file, atomically."""
+    tensors = {  # a module's single sparsity as a 0-d float64 tensor; per-row tensors as they are
+        name: target.detach().cpu().contiguous() if isinstance(target, torch.Tensor) else torch.tensor(float(target), dtype=torch.float64)
+        for name, target in allocation.targets.items()
+    }
+    metadata = {"details": json.dumps(allocation.details), "seconds": str(allocation.seconds),
+                "digest": tensors_digest(tensors)}
+    write_tensors_atomic(path, tensors, metadata)
+
+
+def load_allocation(path: Path) -> Allocation | None:
+    """The allocation written by ``save_allocation``; None when absent or corrupt."""
+    loaded = read_tensors(path)
+    if loaded is None:
+        return None
+    tensors, metadata = loaded
+    if "details" not in metadata or tensors_digest(tensors) != metadata.get("digest"):
+        return None
+    targets = {name: t.item() if t.dim() == 0 else t for name, t in tensors.items()}
+    return Allocation(targets, json.loads(metadata["details"]), float(metadata.get("seconds", 0.0)))
