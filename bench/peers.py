@@ -1,9 +1,12 @@
-"""Perplexity and prune time of every base method x peer top-up at given sparsities, beside the
-dense model, on one model and calibration setting. Prints a markdown table (and writes JSON).
+"""Every base method x every allocator at given sparsities on one model: perplexity on the offline
+corpora, allocation time and total prune time, beside the dense model; then, per sparsity, method
+and corpus, which allocator wins and NeuroAl's rank. Prints markdown tables (and writes JSON).
 
-    .venv/bin/python bench/peers.py --model smollm2-135m --sparsities 0.5,0.7 \
-        --methods magnitude,wanda,multiflow,sparsegpt --top-ups uniform,owl,alpha \
-        --nsamples 32 --seqlen 256 --eval-corpus wikipedia --eval-limit 100 --json runs/bench-peers.json
+    .venv/bin/python bench/peers.py --model smollm2-135m --sparsities 0.5,0.6,0.7 \
+        --nsamples 32 --seqlen 256 --eval-limit 100 --json runs/bench-peers.json
+
+Methods and allocators default to every one in the registry. Each cell is a whole in-process prune
+(load, calibration, allocation, prune), timed around ``prune_in_memory``.
 """
 
 from __future__ import annotations
@@ -21,57 +24,85 @@ from neuroal.config import PruneConfig  # noqa: E402
 from neuroal.evaluation import eval_windows, perplexity  # noqa: E402
 from neuroal.models import load_model, resolve_device, resolve_dtype, resolve_model  # noqa: E402
 from neuroal.pipeline import Plan, prune_in_memory  # noqa: E402
+from neuroal.pruning import ALLOCATORS, BASE_METHODS  # noqa: E402
+
+CORPORA = "wikipedia,treebank,lee"  # the offline corpora
 
 
 def main() -> None:
+    args = _arguments()
+    logging.basicConfig(level=logging.WARNING)
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(resolve_model(args.model), resolve_dtype("auto", device))
+    windows = {c: eval_windows(tokenizer, c, args.eval_seqlen, args.eval_limit or None) for c in args.corpora}
+    dense = {c: perplexity(model.to(device), w, device) for c, w in windows.items()}
+    print(f"{args.model} dense: " + ", ".join(f"{c} {p:.2f}" for c, p in dense.items()), flush=True)
+
+    rows = [_cell(args, method, allocator, sparsity, windows, device)
+            for sparsity in args.sparsities for method in args.methods for allocator in args.allocators]
+    _print_table(args, rows, dense)
+    _print_winners(args, rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"dense": dense, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()}},
+                                        indent=1))
+
+
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", default="magnitude,wanda,multiflow,sparsegpt")
-    parser.add_argument("--top-ups", default="uniform,owl,alpha")
-    parser.add_argument("--sparsities", default="0.5,0.7")
+    parser.add_argument("--methods", default=",".join(BASE_METHODS))
+    parser.add_argument("--allocators", default=",".join(ALLOCATORS))
+    parser.add_argument("--sparsities", default="0.5,0.6,0.7")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--eval-corpus", default="wikipedia")
+    parser.add_argument("--corpora", default=CORPORA)
     parser.add_argument("--eval-seqlen", type=int, default=256)
-    parser.add_argument("--eval-limit", type=int, default=100, help="test windows scored (all: 0)")
+    parser.add_argument("--eval-limit", type=int, default=100, help="test windows scored per corpus (all: 0)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    args.methods, args.allocators, args.corpora = (v.split(",") for v in (args.methods, args.allocators, args.corpora))
+    args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    return args
 
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(resolve_model(args.model), resolve_dtype("auto", device))
-    windows = eval_windows(tokenizer, args.eval_corpus, args.eval_seqlen, args.eval_limit or None)
-    dense = perplexity(model.to(device), windows, device)
-    print(f"{args.model}: dense perplexity on {args.eval_corpus} test ({windows.shape[0]} x {args.eval_seqlen}): {dense:.2f}")
 
-    rows = []
-    for sparsity in map(float, args.sparsities.split(",")):
-        for method in args.methods.split(","):
-            for top_up in args.top_ups.split(","):
-                config = PruneConfig(model=args.model, method=method, top_up=top_up, sparsity=sparsity,
-                                     nsamples=args.nsamples, seqlen=args.seqlen, device=args.device)
-                start = time.perf_counter()
-                pruned, _, manifest = prune_in_memory(Plan.of(config))
-                seconds = time.perf_counter() - start
-                ppl = perplexity(pruned.to(device), windows, device)
-                rows.append(dict(sparsity=sparsity, method=method, top_up=top_up, ppl=ppl, seconds=seconds,
-                                 achieved=manifest["achieved_sparsity"], timings=manifest["timings"]))
-                print(f"  s={sparsity} {method:9s} {top_up:8s} ppl {ppl:10.2f}  achieved {manifest['achieved_sparsity']:.4f}"
-                      f"  {seconds:6.1f} s", flush=True)
+def _cell(args, method: str, allocator: str, sparsity: float, windows: dict, device) -> dict:
+    """One prune, timed, and its perplexities."""
+    config = PruneConfig(model=args.model, method=method, top_up=allocator, sparsity=sparsity,
+                         nsamples=args.nsamples, seqlen=args.seqlen, device=args.device)
+    start = time.perf_counter()
+    pruned, _, manifest = prune_in_memory(Plan.of(config))
+    seconds = time.perf_counter() - start
+    ppl = {c: perplexity(pruned.to(device), w, device) for c, w in windows.items()}
+    row = dict(sparsity=sparsity, method=method, allocator=allocator, ppl=ppl, seconds=seconds,
+               allocate_seconds=manifest["timings"]["allocate"], achieved=manifest["achieved_sparsity"])
+    print(f"  s={sparsity} {method:9s} {allocator:8s} " + " ".join(f"{c} {p:9.2f}" for c, p in ppl.items())
+          + f"  allocate {row['allocate_seconds']:6.1f} s  total {seconds:6.1f} s", flush=True)
+    return row
 
-    print("\n| sparsity | method | " + " | ".join(args.top_ups.split(",")) + " | prune s (uniform) |")
-    print("|---|---|" + "---|" * (len(args.top_ups.split(",")) + 1))
-    for sparsity in map(float, args.sparsities.split(",")):
-        for method in args.methods.split(","):
-            cells = [r for r in rows if r["sparsity"] == sparsity and r["method"] == method]
-            print(f"| {sparsity:.0%} | {method} | " + " | ".join(f"{r['ppl']:.1f}" for r in cells)
-                  + f" | {cells[0]['seconds']:.1f} |")
-    print(f"| 0% | dense | {dense:.2f} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"dense": dense, "rows": rows, "args": vars(args) | {"json": str(args.json)}},
-                                        indent=1))
+
+def _print_table(args, rows: list[dict], dense: dict) -> None:
+    print("\n| sparsity | method | allocator | " + " | ".join(args.corpora) + " | allocate s | total s |")
+    print("|---|---|---|" + "---|" * (len(args.corpora) + 2))
+    print("| 0% | dense | - | " + " | ".join(f"{dense[c]:.2f}" for c in args.corpora) + " | - | - |")
+    for r in rows:
+        print(f"| {r['sparsity']:.0%} | {r['method']} | {r['allocator']} | "
+              + " | ".join(f"{r['ppl'][c]:.2f}" for c in args.corpora)
+              + f" | {r['allocate_seconds']:.1f} | {r['seconds']:.1f} |")
+
+
+def _print_winners(args, rows: list[dict]) -> None:
+    """Per sparsity, method and corpus: the allocator with the lowest perplexity, and NeuroAl's rank."""
+    print("\n| sparsity | method | corpus | best allocator | neuroal's rank |")
+    print("|---|---|---|---|---|")
+    for sparsity in args.sparsities:
+        for method in args.methods:
+            mine = [r for r in rows if r["sparsity"] == sparsity and r["method"] == method]
+            for corpus in args.corpora:
+                ranked = [r["allocator"] for r in sorted(mine, key=lambda r: r["ppl"][corpus])]
+                rank = f"{ranked.index('neuroal') + 1} of {len(ranked)}" if "neuroal" in ranked else "-"
+                print(f"| {sparsity:.0%} | {method} | {corpus} | {ranked[0]} | {rank} |")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def campaign(config: CampaignConfig, root: str = ".") -> dict:
         ensure_dvc_repo(Path(root))
     problems = []  # what fails the campaign once every cell has run
     try:
-        parent = start_campaign(settings.experiment, flatten(config.model_dump()), settings.artifact_location,
+        parent = start_campaign(settings.experiment, config.model_dump(), settings.artifact_location,
                                 tags={"git_revision": git_revision(Path(root)) or ""})
     except TrackingUnavailable as exc:
         logger.error("%s; the cells run untracked", exc)

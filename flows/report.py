@@ -12,19 +12,18 @@ retried only the failed cells both report every cell. A cell with no such run re
 
 from __future__ import annotations
 
-import itertools
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
 from neuroal.checkpoint import MANIFEST
-from neuroal.config import GRID_AXES
+from neuroal.config import GRID_AXES, CampaignConfig
 from neuroal.errors import UserError
 from neuroal.files import staged_folder
 from neuroal.plots import plot_block_sparsity_profiles, plot_neuroal_candidates, plot_perplexity_vs_sparsity
 from neuroal.report import markdown_to_html, render_markdown
 from tasks.cells import grid_cell_name, model_slug
-from tasks.tracking import experiment_runs, log_folder, read_json_artifact, redact_url, tracking_uri
+from tasks.tracking import CAMPAIGN_CONFIG, experiment_runs, log_folder, read_json_artifact, redact_url, tracking_uri
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 ARTIFACT_PATH = "report"  # where the report goes in the parent run's artifacts
@@ -59,20 +58,29 @@ def read_campaign(experiment: str) -> dict:
         raise UserError(f"MLflow experiment {experiment!r} has no campaign run (run `neuroal campaign` first)")
     parent = max(parents, key=lambda r: r["start_time"])
     children = [r for r in runs if r["parent_run_id"] and r["status"] == "FINISHED"]
+    config = _campaign_config(parent)
     params = parent["params"]
     shared = {k: v for k, v in params.items()
               if k.startswith("eval.") or (k.startswith("prune.") and k.removeprefix("prune.") not in GRID_AXES)}
     missing = "running" if parent["status"] == "RUNNING" else "failed"
-    cells = [_cell(point, children, shared, missing) for point in _grid(params)]
-    baselines = [_baseline(model, children, shared, missing) for model in _axis(params, "prune.model")
-                 ] if params.get("campaign.baseline", "True") == "True" else []
+    cells = [_cell(point, children, shared, missing) for point in _grid(config)]
+    baselines = [_baseline(model, children, shared, missing) for model in config.models()] if config.campaign.baseline else []
     return {
         "experiment": experiment, "tracking_uri": redact_url(tracking_uri()),
         "campaign": {"run_id": parent["run_id"], "status": parent["status"], "started": _utc(parent["start_time"]),
                      "git_revision": parent["tags"].get("git_revision"), "settings": shared},
-        "corpora": _axis(params, "eval.ppl"), "tasks": _axis(params, "eval.tasks"),
+        "corpora": list(config.eval.ppl), "tasks": list(config.eval.tasks),
         "cells": cells, "baselines": baselines,
     }
+
+
+def _campaign_config(parent: dict) -> CampaignConfig:
+    """The campaign's configuration, as logged by ``start_campaign`` (``campaign.json``)."""
+    logged = read_json_artifact(parent["run_id"], CAMPAIGN_CONFIG)
+    if logged is None:
+        raise UserError(f"campaign run {parent['run_id']} has no readable {CAMPAIGN_CONFIG} (made by an older "
+                        "neuroal?); run the campaign again")
+    return CampaignConfig.model_validate(logged)
 
 
 def _is_campaign(run: dict) -> bool:
@@ -80,16 +88,9 @@ def _is_campaign(run: dict) -> bool:
     return all(f"prune.{axis}" in run["params"] for axis in GRID_AXES)
 
 
-def _grid(params: dict) -> list[dict]:
-    """The grid points of a campaign's parent-run params, in the campaign's order (models outermost)."""
-    axes = [_axis(params, f"prune.{axis}") for axis in GRID_AXES]
-    axes[GRID_AXES.index("sparsity")] = [float(s) for s in axes[GRID_AXES.index("sparsity")]]
-    return [dict(zip(GRID_AXES, point)) for point in itertools.product(*axes)]
-
-
-def _axis(params: dict, key: str) -> list[str]:
-    """A list-valued param (logged comma-joined) as a list; empty when unset or empty."""
-    return [v.strip() for v in params.get(key, "").split(",") if v.strip()]
+def _grid(config: CampaignConfig) -> list[dict]:
+    """The grid points of a campaign, in the campaign's order (models outermost)."""
+    return [{axis: getattr(cell, axis) for axis in GRID_AXES} for cell in config.cells()]
 
 
 def _cell(point: dict, children: list[dict], shared: dict, missing: str) -> dict:

@@ -87,7 +87,7 @@ def capture_block_inputs(
             return states
         return forward
 
-    with _recording(blocks, recorder), _onloaded_except(model, blocks, device):
+    with shadowed_forwards(blocks, recorder), onloaded_except_blocks(model, blocks, device):
         for start in range(0, input_ids.shape[0], batch_size):
             with contextlib.suppress(_Captured):
                 model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
@@ -98,12 +98,13 @@ def capture_block_inputs(
 
 
 @contextlib.contextmanager
-def _recording(blocks: nn.ModuleList, recorder: Callable[[int], Callable]):
-    """Shadow each block's ``forward`` with ``recorder(index)``; an instance attribute wins over
-    the class method and keeps the block's own attributes (``attention_type``, ...) visible."""
+def shadowed_forwards(blocks: nn.ModuleList, forward_of: Callable[[int], Callable]):
+    """Shadow each block's ``forward`` with ``forward_of(index)`` (a recorder, a stand-in); an
+    instance attribute wins over the class method and keeps the block's own attributes
+    (``attention_type``, ...) visible."""
     saved = [block.__dict__.get("forward") for block in blocks]  # accelerate hooks patch forward too
     for index, block in enumerate(blocks):
-        block.forward = recorder(index)
+        block.forward = forward_of(index)
     try:
         yield
     finally:
@@ -179,8 +180,9 @@ def onloaded(module: nn.Module, device: torch.device):
 
 
 @contextlib.contextmanager
-def _onloaded_except(model: nn.Module, blocks: nn.ModuleList, device: torch.device):
-    """Onload everything but the decoder blocks (embeddings, rotary tables, norms) for capture."""
+def onloaded_except_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device):
+    """Onload everything but the decoder blocks (embeddings, rotary tables, norms, head) while the
+    model runs with its blocks shadowed."""
     block_ids = {id(b) for b in blocks}
     moved: list[nn.Module] = []
 

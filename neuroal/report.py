@@ -150,8 +150,9 @@ def _model_section(report: dict, model: str) -> list[str]:
 
 
 def markdown_to_html(markdown: str, images: Mapping[str, bytes], title: str) -> str:
-    """A self-contained HTML page of the markdown that :func:`render_markdown` writes: headings,
-    paragraphs, lists, tables, and images embedded as base64 data URIs; inline CSS, nothing external.
+    """A self-contained HTML page of the report's markdown (CommonMark and tables, through
+    markdown-it-py): images embedded as base64 data URIs, inline CSS, nothing external, and the
+    changes against uniform coloured better or worse.
 
     Args:
         markdown: The report's markdown.
@@ -161,18 +162,22 @@ def markdown_to_html(markdown: str, images: Mapping[str, bytes], title: str) -> 
     Raises:
         KeyError: An image the markdown refers to is not in ``images``.
     """
-    body, block = [], []
-    for line in [*markdown.splitlines(), ""]:
-        kind = _line_kind(line)
-        if block and (kind != _line_kind(block[0]) or kind == "blank"):
-            body.append(_html_block(block, images))
-            block = []
-        if kind == "heading" or kind == "image":
-            body.append(_html_block([line], images))
-        elif kind != "blank":
-            block.append(line)
+    from markdown_it import MarkdownIt
+
+    renderer = MarkdownIt("commonmark", {"html": True}).enable("table")  # html: the cells' <br>
+    default_image = renderer.renderer.rules["image"]
+
+    def embedded_image(_renderer, tokens, index, options, env):
+        image = tokens[index]
+        data = base64.b64encode(images[image.attrGet("src")]).decode("ascii")
+        image.attrSet("src", f"data:image/png;base64,{data}")
+        return default_image(tokens, index, options, env)
+
+    renderer.add_render_rule("image", embedded_image)
+    body = _PPL_CHANGE.sub(lambda m: _change_span(m, better_sign="-"), renderer.render(markdown))
+    body = _ACC_CHANGE.sub(lambda m: _change_span(m, better_sign="+"), body)
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{_CSS}</style></head>\n<body>\n{body}</body></html>\n")
 
 
 _CSS = """
@@ -194,53 +199,6 @@ img { max-width: 100%; height: auto; display: block; margin: .5em 0 1.5em; borde
 # A change in brackets, made by quality_text: perplexity (lower is better) or accuracy points.
 _PPL_CHANGE = re.compile(r"\(([+-])(\d+(?:\.\d+)?%)\)")
 _ACC_CHANGE = re.compile(r"\(([+-])(\d+(?:\.\d+)? pt)\)")
-_IMAGE = re.compile(r"^!\[(?P<alt>[^\]]*)\]\((?P<src>[^)]+)\)$")
-
-
-def _line_kind(line: str) -> str:
-    if not line.strip():
-        return "blank"
-    if line.startswith("#"):
-        return "heading"
-    if line.startswith("|"):
-        return "table"
-    if line.startswith("- "):
-        return "list"
-    return "image" if _IMAGE.match(line) else "text"
-
-
-def _html_block(lines: list[str], images: Mapping[str, bytes]) -> str:
-    kind = _line_kind(lines[0])
-    if kind == "heading":
-        level = len(lines[0]) - len(lines[0].lstrip("#"))
-        return f"<h{level}>{_inline(lines[0][level:].strip())}</h{level}>"
-    if kind == "image":
-        match = _IMAGE.match(lines[0])
-        data = base64.b64encode(images[match["src"]]).decode("ascii")
-        return f'<img alt="{html.escape(match["alt"])}" src="data:image/png;base64,{data}">'
-    if kind == "table":
-        return _html_table(lines)
-    if kind == "list":
-        return "<ul>" + "".join(f"<li>{_inline(line[2:])}</li>" for line in lines) + "</ul>"
-    return f"<p>{_inline(' '.join(lines))}</p>"
-
-
-def _html_table(lines: list[str]) -> str:
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
-    head, body = rows[0], rows[2:]  # rows[1] is the |---| separator
-    return ("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
-            + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body)
-            + "</tbody></table>")
-
-
-def _inline(text: str) -> str:
-    """Escaped text with `code`, line breaks, and changes coloured better/worse."""
-    text = html.escape(text, quote=False).replace(html.escape(LINE_BREAK), "<br>")
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    text = _PPL_CHANGE.sub(lambda m: _change_span(m, better_sign="-"), text)
-    return _ACC_CHANGE.sub(lambda m: _change_span(m, better_sign="+"), text)
-
-
 def _change_span(match: re.Match, better_sign: str) -> str:
     css = "better" if match[1] == better_sign else "worse"
     return f'(<span class="{css}">{match[1]}{match[2]}</span>)'

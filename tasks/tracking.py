@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 RUN_KEY_TAG = "run_key"
+CAMPAIGN_CONFIG = "campaign.json"  # the parent run's artifact: the campaign's configuration
 # Key paths that look like credentials are never logged (as params or tags).
 _SECRET = re.compile(r"secret|passw|credential|key_id|access_key|api_?key|token(?!s|iz)", re.IGNORECASE)
 # Prefect's retries (below) are the retry layer; MLflow's own HTTP retries (7 with backoff, minutes
@@ -79,13 +80,14 @@ def is_secret(key_path: str) -> bool:
 
 
 @task(name="mlflow-start-campaign", **NETWORK)
-def start_campaign(experiment: str, params: dict, artifact_location: str | None = None,
+def start_campaign(experiment: str, config: dict, artifact_location: str | None = None,
                    tags: dict | None = None) -> str:
     """Create the experiment if needed and start the campaign's parent run.
 
     Args:
         experiment: MLflow experiment name.
-        params: Campaign configuration, nested or flat; logged as dotted key paths.
+        config: The campaign configuration, nested; logged as dotted-key params (for the UI and
+            search) and whole as the artifact ``campaign.json`` (what the report reads back, typed).
         artifact_location: Artifact root for a *new* experiment, e.g. ``s3://bucket/mlflow``
             (uploads go through boto3; ``MLFLOW_S3_ENDPOINT_URL`` points at a non-AWS server).
         tags: Run tags, e.g. ``{"git_revision": ...}``.
@@ -96,7 +98,8 @@ def start_campaign(experiment: str, params: dict, artifact_location: str | None 
     with _tracking("starting the campaign run") as client:
         experiment_id = _experiment_id(client, experiment, artifact_location)
         run = client.create_run(experiment_id, run_name=experiment, tags=_clean_tags(tags or {}))
-        _log(client, run.info.run_id, params, {})
+        _log(client, run.info.run_id, config, {})
+        client.log_dict(run.info.run_id, _without_secrets(config), CAMPAIGN_CONFIG)
         logger.info("MLflow campaign run %s in experiment %r", run.info.run_id, experiment)
         return run.info.run_id
 
@@ -311,6 +314,11 @@ def _key(key: str) -> str:
     that MLflow would read as another path (``ppl.data/../x.txt``) loses its slashes."""
     key = _INVALID_KEY.sub("_", key)
     return key.replace("/", "_") if posixpath.normpath(key) != key else key
+
+
+def _without_secrets(config: Mapping) -> dict:
+    """``config`` less the keys that look like credentials, at any depth."""
+    return {k: _without_secrets(v) if isinstance(v, Mapping) else v for k, v in config.items() if not _dropped(k)}
 
 
 def _dropped(key: str) -> bool:

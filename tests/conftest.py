@@ -9,6 +9,19 @@ import pytest
 import torch
 
 SMOLLM2_VOCAB = 49152  # tiny models share the SmolLM2 tokenizer, so they need its vocabulary
+REPO = Path(__file__).resolve().parents[1]
+
+
+def copy_dvc_stage(folder: Path) -> None:
+    """The repository's dvc.yaml, and the code folders its stage depends on, into a scratch project
+    (``dvc commit`` of the stage hashes them)."""
+    import shutil
+
+    import yaml
+
+    (folder / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    for dep in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["campaign"]["deps"]:
+        shutil.copytree(REPO / dep, folder / dep, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +99,37 @@ def tiny_family_configs(vocab_size: int = 128) -> dict:
 
 
 FAMILIES = list(tiny_family_configs())
+
+
+@pytest.fixture(scope="session")
+def family_folders(tmp_path_factory, tokenizer) -> dict:
+    """Every family of ``tiny_family_configs`` saved once as a model folder with the real tokenizer."""
+    configs = tiny_family_configs(vocab_size=SMOLLM2_VOCAB)
+    return {f: save_tiny_model(c, tokenizer, tmp_path_factory.mktemp(f)) for f, c in configs.items()}
+
+
+def input_norms_by_whole_model_hooks(model, ids, batch_size: int | None = None) -> dict:
+    """Independent computation: whole-model forwards (``batch_size`` windows each, default all) with
+    a hook on every linear of the blocks; Wanda's per-column input norm
+    ``sqrt(sum over samples and tokens of x^2 / samples)``."""
+    from neuroal.models import prunable_linears
+
+    squares: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def add(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            squares[name] = squares.get(name, 0) + (x * x).sum(dim=0)
+        return add
+
+    batch_size = batch_size or ids.shape[0]
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in prunable_linears(model).items()]
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[start : start + batch_size])
+    for h in handles:
+        h.remove()
+    return {name: torch.sqrt(total / ids.shape[0]) for name, total in squares.items()}
 
 
 @pytest.fixture(scope="session")

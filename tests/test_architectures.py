@@ -9,20 +9,14 @@ import math
 import pytest
 import torch
 
-from conftest import FAMILIES, SMOLLM2_VOCAB, save_tiny_model, tiny_family_configs
-from neuroal.replay import capture_block_inputs, run_block
+from conftest import FAMILIES, SMOLLM2_VOCAB, input_norms_by_whole_model_hooks
 from neuroal.cli import main
 from neuroal.models import architecture_of, decoder_blocks, load_model, prunable_linears, resolve_model
 from neuroal.pruning.layer_sequential import layer_sequential
 from neuroal.pruning.statistics import NORMS
+from neuroal.replay import capture_block_inputs, run_block
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def family_folders(tmp_path_factory, tokenizer):
-    configs = tiny_family_configs(vocab_size=SMOLLM2_VOCAB)
-    return {f: save_tiny_model(c, tokenizer, tmp_path_factory.mktemp(f)) for f, c in configs.items()}
 
 
 def final_norm(model):
@@ -49,26 +43,6 @@ def test_replay_is_exact(family_folders, family):
         out = model(input_ids=IDS, output_hidden_states=True)
         replayed = final_norm(model)(torch.cat(inputs.hidden))
     assert (replayed - out.hidden_states[-1]).abs().max().item() == 0.0
-
-
-def input_norms_by_whole_model_hooks(model, ids, batch_size) -> dict[str, torch.Tensor]:
-    """Independent computation: whole-model forwards with a hook on every linear of the blocks;
-    Wanda's per-column input norm ``sqrt(sum over samples and tokens of x^2 / samples)``."""
-    squares: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def add(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            squares[name] = squares.get(name, 0) + (x * x).sum(dim=0)
-        return add
-
-    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in prunable_linears(model).items()]
-    with torch.no_grad():
-        for start in range(0, ids.shape[0], batch_size):
-            model(input_ids=ids[start : start + batch_size])
-    for h in handles:
-        h.remove()
-    return {name: torch.sqrt(total / ids.shape[0]) for name, total in squares.items()}
 
 
 def input_norms_by_runner(model, ids, batch_size) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import copy_dvc_stage
 from neuroal.cli import main
 from servers import (  # noqa: F401 - the fixture_* are the fixtures prefect_harness, moto_server, s3_env
     fixture_moto_server,
@@ -39,7 +40,7 @@ def workspace(tmp_path, monkeypatch, tiny_llama):
         "campaign": {"experiment": "test", "out": "runs/campaign"},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())  # the project's stage
+    copy_dvc_stage(tmp_path)  # the project's stage
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path

@@ -1,4 +1,4 @@
-"""NeuroAl search, checked against a straightforward transcription of ``NEUROAL.md`` (reference mode).
+"""NeuroAl search, checked against a straightforward transcription of ``docs/algorithm.md`` (reference mode).
 
 The transcription below (``reference_search``) is written from the specification alone: one sample
 at a time through the whole model, no caching, no batching, statistics in float64. Block i of a
@@ -29,7 +29,7 @@ from neuroal.pruning import base_method, prune_model
 
 CPU = torch.device("cpu")
 
-# Candidate lambdas, written out as NEUROAL.md lists them.
+# Candidate lambdas, written out as docs/algorithm.md lists them.
 REF_BLOCK_LAMBDAS = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.12, 0.15, 0.20, 0.25]
 REF_ROW_LAMBDAS = [0.00] + REF_BLOCK_LAMBDAS
 CLIP_LOW, CLIP_HIGH = 0.01, 0.99
@@ -221,7 +221,7 @@ def pick(scores: dict[float, float]) -> float:
 
 
 def reference_search(model, method_name: str, sparsity: float, search_ids: torch.Tensor, step: str = "both"):
-    """NEUROAL.md, reference mode. Returns (block_lambda, row_lambda or None, block_scores,
+    """docs/algorithm.md, reference mode. Returns (block_lambda, row_lambda or None, block_scores,
     row_scores, allocation full-name -> float or per-row float64 tensor)."""
     arch = architecture_of(model)
     blocks = decoder_blocks(model)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import copy_dvc_stage
 from neuroal.checkpoint import read_manifest
 from neuroal.cli import main
 from servers import fixture_prefect_harness  # noqa: F401 - the Prefect server of the campaigns
@@ -94,7 +95,7 @@ def _scratch_project(tmp_path: Path, model: Path, monkeypatch) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prune"]["model"] = [str(model)]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    copy_dvc_stage(tmp_path)  # the project's stage
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "init"], cwd=tmp_path, check=True)

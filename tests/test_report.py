@@ -51,7 +51,7 @@ def log_campaign(experiment: str, folder: Path, *, limit: int = 40, scale: float
     dense baseline, and a run per cell (``only`` these cell names; the others failed), with every
     perplexity multiplied by ``scale``. Returns the parent run id."""
     config = campaign_config(experiment, limit)
-    parent = start_campaign.fn(experiment, flatten(config.model_dump()), tags={"git_revision": "abc123"})
+    parent = start_campaign.fn(experiment, config.model_dump(), tags={"git_revision": "abc123"})
     evaluation = config.eval.model_dump()
     log_cell.fn(parent, f"{model_slug(MODEL)}-dense", params=flatten({"prune": {"model": MODEL}, "eval": evaluation}),
                 metrics={"ppl": {"wikipedia": DENSE_PPL, "lee": DENSE_PPL * 1.5},

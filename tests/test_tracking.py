@@ -20,11 +20,13 @@ from servers import (  # noqa: F401 - the fixture_* are the fixtures moto_server
 
 from tasks import tracking
 from tasks.tracking import (
+    CAMPAIGN_CONFIG,
     TrackingUnavailable,
     finish_campaign,
     flatten,
     is_secret,
     log_cell,
+    read_json_artifact,
     redact_url,
     start_campaign,
 )
@@ -126,6 +128,8 @@ def test_credentials_are_never_logged(store):
         logged = {**run.data.params, **run.data.tags}
         assert not any(is_secret(key) for key in logged)
         assert not {"s3cr3t", "AKIAFAKE", "hf-fake", "hunter2", "ghp-fake"} & set(logged.values())
+    logged_config = read_json_artifact(parent, CAMPAIGN_CONFIG)
+    assert logged_config == {"eval": {"max_tokens": 5}, "tokenizer": "smollm2", "aws": {}, "db": {}}
     assert is_secret("campaign.AWS_SECRET_ACCESS_KEY") and is_secret("remote.access_key_id")
     assert not is_secret("eval.max_tokens") and not is_secret("prune.tokenizer")
 

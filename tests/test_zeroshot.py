@@ -28,7 +28,7 @@ from neuroal.evaluation.zeroshot import (
 )
 from neuroal.models import load_model, resolve_model
 
-# The splits lm-eval evaluates and their sizes (DESIGN.md, "Zero-shot tasks").
+# The splits lm-eval evaluates and their sizes (docs/architecture.md, "Zero-shot tasks").
 EXPECTED_DOCS = {"boolq": 3270, "rte": 277, "hellaswag": 10042, "winogrande": 1267,
                  "arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500}
 WITH_ACC_NORM = {"hellaswag", "arc_easy", "arc_challenge", "openbookqa"}

@@ -5,6 +5,8 @@ per-row sparsities."""
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -12,6 +14,33 @@ import torch
 from neuroal.digests import tensors_digest
 from neuroal.files import read_tensors, write_tensors_atomic
 from neuroal.pruning.plugin import Allocation
+
+logger = logging.getLogger(__name__)
+
+# OWL's authors' floor: a block whose sparsity comes out <= 0 is pruned at 1% instead. Our mirror
+# of it at the top (the authors have none): a block never loses more than 99% of its weights.
+MIN_SPARSITY = 0.01
+MAX_SPARSITY = 0.99
+
+
+def spread_sparsities(values: Sequence[float], sparsity: float, half_width: float, who: str) -> list[float]:
+    """Block sparsities from one value per block, a larger value a denser block (OWL's outlier
+    ratios, DLP's importances).
+
+    The values are mapped min-max onto ``[0, 2 * half_width]`` and shifted so that their plain mean
+    is the target density ``1 - sparsity``; each block's sparsity is ``1 - density``. All-equal
+    values give every block the target. A sparsity ``<= 0`` becomes ``MIN_SPARSITY`` and one above
+    ``MAX_SPARSITY`` is capped, with a warning naming ``who``: the mean then drifts off the target.
+    """
+    v = torch.tensor([float(x) for x in values], dtype=torch.float64)
+    low, high = v.min(), v.max()
+    scaled = (v - low) * (1 / (high - low) * half_width * 2) if high > low else torch.zeros_like(v)
+    result = (1 - (scaled - scaled.mean() + (1 - sparsity))).tolist()
+    clamped = [MIN_SPARSITY if s <= 0 else min(s, MAX_SPARSITY) for s in result]
+    if clamped != result:
+        logger.warning("%s: %d block sparsities clamped into [%.2f, %.2f]; the mean is no longer the target", who,
+                       sum(a != b for a, b in zip(clamped, result)), MIN_SPARSITY, MAX_SPARSITY)
+    return clamped
 
 
 def expand_to_modules(

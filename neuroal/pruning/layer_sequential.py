@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from neuroal.replay import capture_block_inputs, observe_inputs, onloaded, run_block
 from neuroal.models import architecture_of, block_linears, decoder_blocks
 from neuroal.progress import progress
-from neuroal.pruning.statistics import InputStats
+from neuroal.pruning.methods.wanda import wanda_score
+from neuroal.pruning.statistics import NORMS, InputStats
+from neuroal.replay import capture_block_inputs, observe_inputs, onloaded, run_block
 
 
 @dataclass
@@ -56,3 +57,12 @@ def layer_sequential(
             yield BlockStep(index, f"{arch.blocks}.{index}", block, linears, stats)
             if inputs is not None and index + 1 < len(blocks):
                 inputs = run_block(block, inputs)
+
+
+def dense_wanda_scores(model: nn.Module, calibration_ids: torch.Tensor, device: torch.device, batch_size: int,
+                       desc: str) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+    """Per block of the dense model: its modules' full names and their Wanda scores ``|W| * a``,
+    what OWL and DLP reduce to one number per block."""
+    for step in layer_sequential(model, calibration_ids, device, batch_size, frozenset((NORMS,)), desc):
+        names = [f"{step.prefix}.{n}" for n in step.linears]
+        yield names, [wanda_score(lin.weight, step.stats[n].norms()) for n, lin in step.linears.items()]

@@ -4,6 +4,8 @@ block."""
 from __future__ import annotations
 
 import logging
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from pydantic import BaseModel
 from neuroal.models import architecture_of, prunable_linears
 from neuroal.pruning.layer_sequential import layer_sequential
 from neuroal.pruning.plugin import Allocator, BaseMethod, Structure, Target
+from neuroal.pruning.statistics import InputStats
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +42,23 @@ def prune_model(
     refined = _refined_modules(model, allocator)
     for step in layer_sequential(model, calibration_ids, device, batch_size, kinds, desc=f"prune {method.name}"):
         for name, linear in step.linears.items():
-            original, stats = linear.weight, step.stats.get(name)
-            weight, mask = method.prune(original, stats, targets[f"{step.prefix}.{name}"], structure)
-            if name in refined:
-                base_mask, mask = mask, allocator.refine(original, mask, stats, structure, options or allocator.Options())
-                weight = torch.where(base_mask & ~mask, original, weight)
-            if weight is not original:
-                linear.weight.copy_(weight)
-            linear.weight.masked_fill_(mask, 0)
+            refine = partial(allocator.refine, options=options or allocator.Options()) if name in refined else None
+            prune_linear(linear, method, step.stats.get(name), targets[f"{step.prefix}.{name}"], structure, refine)
+
+
+@torch.no_grad()
+def prune_linear(linear: nn.Linear, method: BaseMethod, stats: InputStats | None, target: Target,
+                 structure: Structure = None, refine: Callable | None = None) -> None:
+    """Prune one module in place: the method's mask (and, for SparseGPT, its updated weights), then
+    ``refine(weight, mask, stats, structure) -> mask`` if given; regrown weights keep their dense value."""
+    original = linear.weight
+    weight, mask = method.prune(original, stats, target, structure)
+    if refine is not None:
+        base_mask, mask = mask, refine(original, mask, stats, structure)
+        weight = torch.where(base_mask & ~mask, original, weight)
+    if weight is not original:
+        linear.weight.copy_(weight)
+    linear.weight.masked_fill_(mask, 0)
 
 
 def needs_calibration(method: BaseMethod, allocator: Allocator) -> bool:

@@ -12,8 +12,8 @@ import importlib
 from neuroal.errors import UserError
 from neuroal.pruning.plugin import Allocator, BaseMethod
 
-METHOD_NAMES = ("magnitude", "wanda", "multiflow", "sparsegpt")
-ALLOCATOR_NAMES = ("uniform", "owl", "alpha", "dsnot", "neuroal")
+METHOD_NAMES = ("magnitude", "wanda", "multiflow", "sparsegpt", "ria")
+ALLOCATOR_NAMES = ("uniform", "owl", "alpha", "dsnot", "neuroal", "dlp", "atp")
 
 BASE_METHODS: dict[str, BaseMethod] = {
     name: importlib.import_module(f"neuroal.pruning.methods.{name}").METHOD for name in METHOD_NAMES

@@ -7,10 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from neuroal.pruning.allocation import expand_to_modules
 from neuroal.pruning.allocators.owl.math import DEFAULT_LAMBDA, DEFAULT_M, outlier_ratio, owl_sparsities
-from neuroal.pruning.layer_sequential import layer_sequential
-from neuroal.pruning.methods.wanda import wanda_score
+from neuroal.pruning.layer_sequential import dense_wanda_scores
 from neuroal.pruning.plugin import Allocation, AllocationInputs, Allocator
-from neuroal.pruning.statistics import NORMS
 
 
 class Options(BaseModel):
@@ -23,12 +21,10 @@ class Options(BaseModel):
 def allocate(inputs: AllocationInputs, options: Options = Options()) -> Allocation:
     """Outlier ratio per block (dense Wanda scores), spread into block sparsities."""
     ratios, names = [], []
-    steps = layer_sequential(inputs.model, inputs.calibration_ids, inputs.device, inputs.batch_size,
-                             frozenset((NORMS,)), "owl")
-    for step in steps:
-        scores = [wanda_score(lin.weight, step.stats[n].norms()) for n, lin in step.linears.items()]
+    for block_names, scores in dense_wanda_scores(inputs.model, inputs.calibration_ids, inputs.device,
+                                                  inputs.batch_size, "owl"):
         ratios.append(outlier_ratio(scores, options.threshold_m))
-        names.append([f"{step.prefix}.{n}" for n in step.linears])
+        names.append(block_names)
     targets = expand_to_modules(owl_sparsities(ratios, inputs.sparsity, options.lam), names)
     return Allocation(targets, {"outlier_ratios": ratios})
 

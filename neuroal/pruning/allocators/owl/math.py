@@ -16,12 +16,12 @@ Hooks, the layer-sequential walk and the mapping to modules live in ``allocators
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 
-logger = logging.getLogger(__name__)
+from neuroal.pruning.allocation import MAX_SPARSITY, MIN_SPARSITY, spread_sparsities  # noqa: F401 - the clamps
+
 
 # Hyper_m of the paper and of the authors' LLaMA scripts (`llama7b_wanda_owll.sh`): an entry is an
 # outlier when it exceeds 5x the block's mean score (the paper's sweep found M in 3..10 robust).
@@ -29,12 +29,6 @@ DEFAULT_M = 5.0
 # Lamda of the authors' scripts: block sparsities span [s - 0.08, s + 0.08]; the paper's best
 # value for LLaMA at 70% (their sweep over 0.02..0.2).
 DEFAULT_LAMBDA = 0.08
-# The authors' floor: a block whose sparsity comes out <= 0 is pruned at 1% instead
-# (`if layer_sparsity_ratio<=0: layer_sparsity_ratio=0.01`).
-MIN_SPARSITY = 0.01
-# Our mirror of that floor at the top (the authors have none): a block never loses more than 99%
-# of its weights, which can only happen for targets above 1 - 2 * lambda (0.84 with the default).
-MAX_SPARSITY = 0.99
 
 
 def outlier_ratio(scores: Sequence[torch.Tensor], m: float = DEFAULT_M) -> float:
@@ -94,20 +88,4 @@ def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float = DEFAUL
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if lam < 0:
         raise ValueError(f"lambda must be >= 0, got {lam}")
-    r = torch.tensor([float(x) for x in ratios], dtype=torch.float64)  # numpy float64 in the original
-    low, high = r.min(), r.max()
-    if high > low:
-        r = (r - low) * (1 / (high - low) * lam * 2)
-    else:
-        r = torch.zeros_like(r)  # no spread to map: every block at the mean density
-    density = r - r.mean() + (1 - sparsity)
-    result = (1 - density).tolist()
-    clamped = [MIN_SPARSITY if s <= 0 else min(s, MAX_SPARSITY) for s in result]
-    if clamped != result:
-        logger.warning(
-            "OWL: %d block sparsities clamped into [%.2f, %.2f]; the mean is no longer the target",
-            sum(a != b for a, b in zip(clamped, result)),
-            MIN_SPARSITY,
-            MAX_SPARSITY,
-        )
-    return clamped
+    return spread_sparsities(ratios, sparsity, lam, "OWL")
