@@ -33,10 +33,10 @@ def run_cell(config: PruneConfig, windows: dict[str, torch.Tensor]) -> dict:
         start = time.perf_counter()
         model, _, manifest = prune_in_memory(Plan.of(config), activation_cache=Path(cold))
         seconds = time.perf_counter() - start
-    device = torch.device(manifest["device"])
+    device = torch.device(manifest.device)
     ppl = {corpus: perplexity(model.to(device), w, device) for corpus, w in windows.items()}
-    return {"seconds": seconds, "timings": manifest["timings"], "lambdas": manifest["lambdas"], "ppl": ppl,
-            "achieved": manifest["achieved_sparsity"]}
+    return {"seconds": seconds, "timings": manifest.timings, "lambdas": manifest.lambdas, "ppl": ppl,
+            "achieved": manifest.achieved_sparsity}
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ def _cell(args, method: str, allocator: str, sparsity: float, windows: dict, dev
     seconds = time.perf_counter() - start
     ppl = {c: perplexity(pruned.to(device), w, device) for c, w in windows.items()}
     row = dict(sparsity=sparsity, method=method, allocator=allocator, ppl=ppl, seconds=seconds,
-               allocate_seconds=manifest["timings"]["allocate"], achieved=manifest["achieved_sparsity"])
+               allocate_seconds=manifest.timings["allocate"], achieved=manifest.achieved_sparsity)
     print(f"  s={sparsity} {method:9s} {allocator:8s} " + " ".join(f"{c} {p:9.2f}" for c, p in ppl.items())
           + f"  allocate {row['allocate_seconds']:6.1f} s  total {seconds:6.1f} s", flush=True)
     return row

@@ -64,7 +64,7 @@ def main() -> None:
 
     print(f"model {config.model}  method {config.method}  top-up {config.top_up}  sparsity {config.sparsity}")
     print(f"calibration {config.nsamples} x {config.seqlen}  device {device}  threads {torch.get_num_threads()}")
-    print("stage times (s): " + "  ".join(f"{k} {v:.2f}" for k, v in manifest["timings"].items()))
+    print("stage times (s): " + "  ".join(f"{k} {v:.2f}" for k, v in manifest.timings.items()))
     print(f"wall time incl. save: {wall:.2f} s")
     print(f"model {model_bytes / MiB:.1f} MiB; largest block {block_bytes / MiB:.1f} MiB; "
           f"block inputs+outputs {activation_bytes / MiB:.1f} MiB; bound {(block_bytes + activation_bytes) / MiB:.1f} MiB")

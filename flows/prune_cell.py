@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from neuroal.checkpoint import Manifest
 from neuroal.config import CampaignSettings, EvalConfig, PruneConfig
 from neuroal.pipeline import Plan
 from tasks import cells
@@ -65,10 +66,11 @@ def prune_cell(cell: PruneConfig, evaluation: EvalConfig, settings: CampaignSett
 def cell_metrics(metrics: dict) -> dict:
     """What MLflow plots of a cell or dense baseline: perplexities, accuracies, achieved sparsity,
     lambdas, stage times, and whether windows started with BOS (1) or not (0)."""
-    manifest = metrics.get("checkpoint") or {}
-    calibration = manifest.get("calibration") or {}
-    bos = {"eval": metrics.get("bos_per_window"), "calibration": calibration.get("bos_per_window")}
+    manifest = Manifest.model_validate(metrics["checkpoint"]) if metrics.get("checkpoint") else None
+    calibration = manifest.calibration if manifest else None
+    bos = {"eval": metrics.get("bos_per_window"), "calibration": calibration.bos_per_window if calibration else None}
     return {"ppl": metrics["ppl"], "tasks": metrics["tasks"],
-            "achieved_sparsity": manifest.get("achieved_sparsity"), "lambdas": manifest.get("lambdas") or {},
+            "achieved_sparsity": manifest.achieved_sparsity if manifest else None,
+            "lambdas": (manifest.lambdas if manifest else None) or {},
             "bos_per_window": {k: int(v) for k, v in bos.items() if v is not None},
-            "time": {**manifest.get("timings", {}), **{f"eval.{k}": v for k, v in metrics["timings"].items()}}}
+            "time": {**(manifest.timings if manifest else {}), **{f"eval.{k}": v for k, v in metrics["timings"].items()}}}

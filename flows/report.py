@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
-from neuroal.checkpoint import MANIFEST
+from neuroal.checkpoint import MANIFEST, Manifest
 from neuroal.config import GRID_AXES, CampaignConfig
 from neuroal.errors import UserError
 from neuroal.files import staged_folder
@@ -141,12 +141,13 @@ def _nested_metrics(flat: dict) -> dict:
     return nested
 
 
-def _manifest_summary(manifest: dict | None) -> dict | None:
+def _manifest_summary(logged: dict | None) -> dict | None:
     """What the plots read from ``neuroal.json``; the per-row sparsities (megabytes) are dropped."""
-    if not manifest:
+    if not logged:
         return None
-    search = ((manifest.get("allocation") or {}).get("neuroal") or {})
-    return {"target_sparsity": manifest.get("target_sparsity"), "module_sparsity": manifest.get("module_sparsity"),
+    manifest = Manifest.model_validate(logged)
+    search = manifest.allocation.get("neuroal") or {}
+    return {"target_sparsity": manifest.target_sparsity, "module_sparsity": manifest.module_sparsity,
             "allocation": {"neuroal": {k: v for k, v in search.items() if k != "row_sparsities"}} if search else {}}
 
 

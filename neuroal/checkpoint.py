@@ -7,8 +7,10 @@ save to the same destination.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from neuroal.digests import file_digest, pickle_weight_files, weight_files
 from neuroal.errors import UserError
@@ -17,7 +19,71 @@ from neuroal.files import staged_folder
 MANIFEST = "neuroal.json"
 
 
-def save_checkpoint(model, tokenizer, manifest: dict, out: Path, overwrite: bool = False, extras=None) -> dict:
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceRecord(_Record):
+    """The model a checkpoint was pruned from (``ModelSource.to_dict``)."""
+
+    spec: str
+    kind: Literal["alias", "gguf", "folder", "hub"]
+    digest: str
+
+
+class CalibrationRecord(_Record):
+    """The calibration windows a checkpoint was pruned with (``CalibrationSpec`` and its digest)."""
+
+    corpus: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    bos_per_window: bool
+    corpus_digest: Optional[str]
+    digest: str
+
+
+class Manifest(_Record):
+    """``neuroal.json``: what a pruned checkpoint is and how it was made. Written and read only
+    through this model, so every reader sees the same typed fields.
+
+    Attributes:
+        source: The dense model.
+        method, top_up, mode, structure: How it was pruned (``mode``: NeuroAl's, else None).
+        target_sparsity, achieved_sparsity: Over every prunable weight; the achieved one counted
+            from the weights.
+        module_sparsity: Achieved sparsity per prunable module, by full name.
+        lambdas: NeuroAl's chosen ``block`` and ``row`` lambdas (None for other allocators).
+        allocation: What the allocator found (its own keys: OWL's ratios, NeuroAl's search, ...).
+        calibration: The calibration windows (None when the cell read no data).
+        seed, config: The seed and the whole cell config (``PruneConfig.model_dump``).
+        device, dtype, versions, results_version: Where and with what code it was computed.
+        timings: Seconds per stage (load, calibration, allocate, prune).
+        files: sha256 of each weight file, filled in by ``save_checkpoint``.
+    """
+
+    source: SourceRecord
+    method: str
+    top_up: str
+    mode: Optional[str] = None
+    structure: str = "unstructured"
+    target_sparsity: float
+    achieved_sparsity: float
+    module_sparsity: dict[str, float]
+    lambdas: Optional[dict[str, Optional[float]]] = None
+    allocation: dict = {}
+    calibration: Optional[CalibrationRecord] = None
+    seed: int
+    config: dict
+    device: str
+    dtype: str
+    versions: dict[str, str]
+    results_version: int
+    timings: dict[str, float]
+    files: dict[str, str] = {}
+
+
+def save_checkpoint(model, tokenizer, manifest: Manifest, out: Path, overwrite: bool = False, extras=None) -> Manifest:
     """Write ``model``, ``tokenizer`` and ``manifest`` (plus weight digests) to the folder ``out``.
 
     ``extras`` maps file names to writers ``f(path)`` (plots) run inside the folder before it is
@@ -30,29 +96,33 @@ def save_checkpoint(model, tokenizer, manifest: dict, out: Path, overwrite: bool
     with staged_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        manifest = {**manifest, "files": {p.name: file_digest(p) for p in weight_files(tmp)}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        manifest = manifest.model_copy(update={"files": {p.name: file_digest(p) for p in weight_files(tmp)}})
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
         for name, write in (extras or {}).items():
             write(tmp / name)
     return manifest
 
 
-def read_manifest(folder: Path, verify: bool = True) -> dict:
+def read_manifest(folder: Path, verify: bool = True) -> Manifest:
     """Read a checkpoint's manifest; with ``verify``, refuse a checkpoint whose weight files are not
     exactly the recorded ones with their recorded digests."""
     path = Path(folder) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        manifest = Manifest.model_validate_json(path.read_text())
+    except OSError as exc:
         raise UserError(f"{folder} is not a readable neuroal checkpoint ({MANIFEST}: {exc})") from None
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise UserError(f"{folder} is not a readable neuroal checkpoint ({MANIFEST}: "
+                        f"{'.'.join(map(str, problem['loc'])) or 'file'}: {problem['msg']})") from None
     if verify:
         _verify_weights(Path(folder), manifest)
     return manifest
 
 
-def _verify_weights(folder: Path, manifest: dict) -> None:
-    recorded = manifest.get("files")
-    if not isinstance(recorded, dict) or not recorded:
+def _verify_weights(folder: Path, manifest: Manifest) -> None:
+    recorded = manifest.files
+    if not recorded:
         raise UserError(f"checkpoint {folder} is corrupt: {MANIFEST} records no weight digests")
     present = {p.name for p in weight_files(folder) + pickle_weight_files(folder)}
     for name in sorted(present - set(recorded)):

@@ -120,7 +120,7 @@ def _prune(args: argparse.Namespace) -> int:
         raise UserError(f"output {args.out} already exists; choose another --out or pass --overwrite")
     plan = check_config(config)  # every input problem, before the work and its progress bars
     manifest = prune_to_checkpoint(plan, args.out, overwrite=args.overwrite)
-    summary = {k: manifest[k] for k in ("method", "top_up", "target_sparsity", "achieved_sparsity", "timings")}
+    summary = manifest.model_dump(include={"method", "top_up", "target_sparsity", "achieved_sparsity", "timings"})
     print(json.dumps({"out": str(args.out), **summary}, indent=1))
     return 0
 

@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel
 
 import neuroal
-from neuroal.checkpoint import save_checkpoint
+from neuroal.checkpoint import CalibrationRecord, Manifest, SourceRecord, save_checkpoint
 from neuroal.config import PruneConfig
 from neuroal.data import (
     CalibrationSet,
@@ -139,7 +139,7 @@ def check_config(config: PruneConfig, source: ModelSource | None = None) -> Plan
 
 def prune_to_checkpoint(plan: Plan, out: Path, overwrite: bool = False, *,
                         calibration: CalibrationSet | None = None, allocation: Allocation | None = None,
-                        activation_cache: Path | None = None) -> dict:
+                        activation_cache: Path | None = None) -> Manifest:
     """Prune as ``plan`` says and write the checkpoint folder ``out``.
 
     Returns the manifest written to ``out/neuroal.json``. Bad input raises ``UserError`` before
@@ -208,26 +208,27 @@ def prune_in_memory(plan: Plan, *, calibration: CalibrationSet | None = None, al
     report = sparsity_report(model)
     logger.info("pruned %s to %.4f sparsity (target %.4f)", config.model, report["achieved"], config.sparsity)
 
-    manifest = {
-        "source": plan.source.to_dict(),
-        "method": config.method,
-        "top_up": config.top_up,
-        "mode": config.neuroal_mode if config.top_up == "neuroal" else None,
-        "structure": config.structure,
-        "target_sparsity": config.sparsity,
-        "achieved_sparsity": report["achieved"],
-        "module_sparsity": report["modules"],
-        "lambdas": _lambdas(allocation.details),
-        "allocation": allocation.details,
-        "calibration": {**calibration.spec.to_dict(), "digest": calibration.digest} if calibration else None,
-        "seed": config.seed,
-        "config": config.model_dump(),
-        "device": str(plan.device),
-        "dtype": str(plan.dtype).removeprefix("torch."),
-        "versions": _versions(),
-        "results_version": neuroal.RESULTS_VERSION,
-        "timings": timings,
-    }
+    calibrated = CalibrationRecord(**calibration.spec.to_dict(), digest=calibration.digest) if calibration else None
+    manifest = Manifest(
+        source=SourceRecord(**plan.source.to_dict()),
+        method=config.method,
+        top_up=config.top_up,
+        mode=config.neuroal_mode if config.top_up == "neuroal" else None,
+        structure=config.structure,
+        target_sparsity=config.sparsity,
+        achieved_sparsity=report["achieved"],
+        module_sparsity=report["modules"],
+        lambdas=_lambdas(allocation.details),
+        allocation=allocation.details,
+        calibration=calibrated,
+        seed=config.seed,
+        config=config.model_dump(),
+        device=str(plan.device),
+        dtype=str(plan.dtype).removeprefix("torch."),
+        versions=_versions(),
+        results_version=neuroal.RESULTS_VERSION,
+        timings=timings,
+    )
     return model, tokenizer, manifest
 
 

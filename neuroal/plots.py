@@ -7,6 +7,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from neuroal.checkpoint import Manifest
+
 ALLOCATION_PNG = "allocation.png"
 
 
@@ -20,20 +22,20 @@ def block_sparsity(module_sparsity: dict[str, float]) -> list[float]:
     return [sum(v) / len(v) for _, v in sorted(blocks.items())]
 
 
-def plot_allocation(manifest: dict, path: Path) -> None:
+def plot_allocation(manifest: Manifest, path: Path) -> None:
     """Per-block sparsity, and for NeuroAl the score of every candidate lambda, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
-    search = (manifest.get("allocation") or {}).get("neuroal")
+    search = manifest.allocation.get("neuroal")
     fig, axes = plt.subplots(1, 2 if search else 1, figsize=(11 if search else 6, 3.6), squeeze=False)
     ax = axes[0][0]
-    sparsities = block_sparsity(manifest["module_sparsity"])
+    sparsities = block_sparsity(manifest.module_sparsity)
     ax.bar(range(len(sparsities)), sparsities, color="#4C72B0")
-    ax.axhline(manifest["target_sparsity"], color="black", lw=1, ls="--", label="target")
-    ax.set(xlabel="decoder block", ylabel="achieved sparsity", title=f"{manifest['method']} + {manifest['top_up']}")
+    ax.axhline(manifest.target_sparsity, color="black", lw=1, ls="--", label="target")
+    ax.set(xlabel="decoder block", ylabel="achieved sparsity", title=f"{manifest.method} + {manifest.top_up}")
     ax.set_ylim(max(0.0, min(sparsities) - 0.1), min(1.0, max(sparsities) + 0.1))
     ax.legend(loc="lower right")
     if search:

@@ -119,7 +119,7 @@ def checkpoint(plan: Plan, calibration: Ref | None, allocation: Ref, out: Path) 
         if stored is None:
             raise RuntimeError(f"allocation {allocation.path} is missing or corrupt; rerun the campaign")
         pipeline.prune_to_checkpoint(plan, out, overwrite=True, calibration=_calibration(calibration), allocation=stored)
-    return Ref(str(out), json_digest(read_manifest(out)["files"]))
+    return Ref(str(out), json_digest(read_manifest(out).files))
 
 
 @task(name="evaluate", task_run_name="evaluate-{name}", **COMPUTE)
@@ -166,7 +166,7 @@ def _checkpoint_matches(out: Path, plan: Plan, calibration: Ref | None) -> bool:
     except UserError as exc:
         logger.warning("%s; pruning it again", exc)
         return False
-    stored_calibration = (manifest.get("calibration") or {}).get("digest")
-    return (manifest.get("config") == plan.config.model_dump() and manifest["source"]["digest"] == plan.source.digest
+    stored_calibration = manifest.calibration.digest if manifest.calibration else None
+    return (manifest.config == plan.config.model_dump() and manifest.source.digest == plan.source.digest
             and stored_calibration == (calibration.digest if calibration else None)
-            and manifest.get("results_version") == RESULTS_VERSION)
+            and manifest.results_version == RESULTS_VERSION)

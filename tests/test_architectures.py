@@ -120,7 +120,7 @@ def test_every_method_and_top_up(tiny_llama, tmp_path, method, top_up):
     # floor(s * in) per row loses up to one weight a row (1/64 here); sparsegpt prunes a few more
     assert zeros / total == pytest.approx(0.6, abs=1 / min(lin.in_features for lin in linears.values()))
     manifest = read_manifest(tmp_path / "out")
-    per_module = manifest["module_sparsity"]
+    per_module = manifest.module_sparsity
     if top_up in ("owl", "alpha"):
         assert len({round(s, 2) for s in per_module.values()}) > 1  # not uniform
     if top_up in ("uniform", "dsnot") and method != "sparsegpt":  # every row at floor(s * in)

@@ -46,18 +46,18 @@ def test_prune_writes_loadable_checkpoint(tiny_llama, tmp_path, method, capsys):
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
     manifest = read_manifest(out)
-    assert manifest["method"] == method and manifest["top_up"] == "uniform"
-    assert manifest["target_sparsity"] == 0.5 and manifest["achieved_sparsity"] == pytest.approx(0.5)
-    assert len(manifest["module_sparsity"]) == 3 * 7
-    assert manifest["source"]["kind"] == "folder" and len(manifest["source"]["digest"]) == 64
-    assert manifest["files"] == {"model.safetensors": file_digest(out / "model.safetensors")}
-    assert {"torch", "transformers", "neuroal"} <= set(manifest["versions"])
-    assert manifest["timings"]["prune"] >= 0 and manifest["seed"] == 0
+    assert manifest.method == method and manifest.top_up == "uniform"
+    assert manifest.target_sparsity == 0.5 and manifest.achieved_sparsity == pytest.approx(0.5)
+    assert len(manifest.module_sparsity) == 3 * 7
+    assert manifest.source.kind == "folder" and len(manifest.source.digest) == 64
+    assert manifest.files == {"model.safetensors": file_digest(out / "model.safetensors")}
+    assert {"torch", "transformers", "neuroal"} <= set(manifest.versions)
+    assert manifest.timings["prune"] >= 0 and manifest.seed == 0
     if method == "wanda":
-        assert manifest["calibration"]["corpus"] == "lee" and manifest["calibration"]["nsamples"] == 4
-        assert len(manifest["calibration"]["digest"]) == 64
+        assert manifest.calibration.corpus == "lee" and manifest.calibration.nsamples == 4
+        assert len(manifest.calibration.digest) == 64
     else:
-        assert manifest["calibration"] is None  # magnitude reads no data
+        assert manifest.calibration is None  # magnitude reads no data
     printed = json.loads(capsys.readouterr().out)
     assert printed["achieved_sparsity"] == pytest.approx(0.5)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
@@ -76,7 +76,7 @@ def test_same_seed_same_masks(tiny_llama, tmp_path):
     assert file_digest(tmp_path / "a" / "model.safetensors") == file_digest(tmp_path / "b" / "model.safetensors")
     assert main(prune_args(tiny_llama, tmp_path / "c", "--seed", "1")) == 0
     a, c = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "c")
-    assert a["calibration"]["digest"] != c["calibration"]["digest"]
+    assert a.calibration.digest != c.calibration.digest
 
 
 def test_existing_output_needs_overwrite(tiny_llama, tmp_path, capsys):
@@ -170,5 +170,5 @@ def test_smollm2_wanda_half(tmp_path):
     model = assert_rows_pruned(out, 0.5)
     assert type(model).__name__ == "LlamaForCausalLM"
     manifest = read_manifest(out)
-    assert manifest["source"]["kind"] == "alias" and manifest["calibration"]["corpus"] == "wikipedia"
-    assert all(s == 0.5 for s in manifest["module_sparsity"].values()) and len(manifest["module_sparsity"]) == 210
+    assert manifest.source.kind == "alias" and manifest.calibration.corpus == "wikipedia"
+    assert all(s == 0.5 for s in manifest.module_sparsity.values()) and len(manifest.module_sparsity) == 210

@@ -192,7 +192,7 @@ def test_cli_reaches_the_target(tiny_llama, tmp_path):
     from neuroal.checkpoint import read_manifest
 
     assert prune_cli(tiny_llama, tmp_path / "out") == 0
-    details = read_manifest(tmp_path / "out")["allocation"]
+    details = read_manifest(tmp_path / "out").allocation
     sparsities, importance = details["block_sparsities"], details["block_importance"]
     assert sum(sparsities) / len(sparsities) == pytest.approx(0.6, abs=1e-12)
     assert max(sparsities) - min(sparsities) == pytest.approx(0.3, abs=1e-9)
@@ -208,7 +208,7 @@ def test_cli_options(tiny_llama, tmp_path):
     from neuroal.checkpoint import read_manifest
 
     assert prune_cli(tiny_llama, tmp_path / "out", "--dlp-alpha", "0.05", "--dlp-strategy", "mean") == 0
-    sparsities = read_manifest(tmp_path / "out")["allocation"]["block_sparsities"]
+    sparsities = read_manifest(tmp_path / "out").allocation["block_sparsities"]
     assert max(sparsities) - min(sparsities) == pytest.approx(0.1, abs=1e-9)
 
 
@@ -219,5 +219,5 @@ def test_every_family(family_folders, family, tmp_path):
     assert prune_cli(family_folders[family], tmp_path / "out") == 0
     achieved = achieved_sparsity(tmp_path / "out")
     assert achieved == pytest.approx(0.6, abs=0.01)
-    sparsities = read_manifest(tmp_path / "out")["allocation"]["block_sparsities"]
+    sparsities = read_manifest(tmp_path / "out").allocation["block_sparsities"]
     assert achieved == pytest.approx(floor_count_sparsity(family_folders[family], sparsities), abs=1e-12)

@@ -21,13 +21,13 @@ def test_stages_through_files_equal_the_one_shot_prune(tiny_llama, tmp_path, top
 
     save_calibration(calibrate(plan), tmp_path / "calibration.safetensors")
     calibration = load_calibration(tmp_path / "calibration.safetensors")
-    assert calibration.digest == one_shot["calibration"]["digest"]
+    assert calibration.digest == one_shot.calibration.digest
     save_allocation(tmp_path / "allocation.safetensors", allocate(plan, calibration, activation_cache=tmp_path / "cache"))
     staged = prune_to_checkpoint(plan, tmp_path / "staged", calibration=calibration,
                                  allocation=load_allocation(tmp_path / "allocation.safetensors"))
 
-    assert staged["files"] == one_shot["files"]  # same weights, byte for byte
-    assert staged["allocation"] == one_shot["allocation"]
+    assert staged.files == one_shot.files  # same weights, byte for byte
+    assert staged.allocation == one_shot.allocation
     assert file_digest(tmp_path / "staged" / "model.safetensors") == file_digest(tmp_path / "one-shot" / "model.safetensors")
 
 

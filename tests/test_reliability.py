@@ -102,7 +102,7 @@ def assert_absent_or_complete(out: Path) -> bool:
     if not out.exists():
         return False
     manifest = read_manifest(out)  # refuses weights that differ from the recorded digests
-    assert manifest["files"] and AutoModelForCausalLM.from_pretrained(out) is not None
+    assert manifest.files and AutoModelForCausalLM.from_pretrained(out) is not None
     return True
 
 
@@ -374,7 +374,7 @@ def test_prune_killed_at_any_moment_leaves_nothing_or_a_complete_checkpoint(tiny
     assert main(prune_args(tiny_llama, out)) == 0  # the next run completes and cleans up
     assert assert_absent_or_complete(out) and leftovers(parent) == []
     assert main(prune_args(tiny_llama, tmp_path / "uninterrupted")) == 0
-    assert read_manifest(out)["files"] == read_manifest(tmp_path / "uninterrupted")["files"]
+    assert read_manifest(out).files == read_manifest(tmp_path / "uninterrupted").files
 
 
 @pytest.fixture
@@ -415,7 +415,7 @@ def count_prunes(monkeypatch) -> list:
 def checkpoints(folder: Path) -> dict[str, dict]:
     """Every complete checkpoint of a campaign folder: its recorded weight digests, verified."""
     root = folder / "runs" / "campaign" / "checkpoints"
-    return {p.name: read_manifest(p)["files"] for p in sorted(root.iterdir())
+    return {p.name: read_manifest(p).files for p in sorted(root.iterdir())
             if p.is_dir() and not p.name.startswith(".")}
 
 
@@ -528,10 +528,10 @@ def test_allow_pickle_loads_bin_weights(models, tmp_path):
     folder, out = models["pickle-only"], tmp_path / "pruned"
     assert main(prune_args(folder, out, "--allow-pickle")) == 0
     manifest = read_manifest(out)
-    assert list(manifest["files"]) == ["model.safetensors"] and not list(out.glob("*.bin"))
-    assert manifest["source"]["digest"] == json_digest({"pytorch_model.bin": file_digest(folder / "pytorch_model.bin")})
+    assert list(manifest.files) == ["model.safetensors"] and not list(out.glob("*.bin"))
+    assert manifest.source.digest == json_digest({"pytorch_model.bin": file_digest(folder / "pytorch_model.bin")})
     assert main(prune_args(models["tiny"], tmp_path / "from-safetensors")) == 0
-    assert manifest["files"] == read_manifest(tmp_path / "from-safetensors")["files"]  # same weights, same result
+    assert manifest.files == read_manifest(tmp_path / "from-safetensors").files  # same weights, same result
 
 
 FAKE_SECRETS = {  # distinctive, so that any copy of them is found
@@ -581,5 +581,5 @@ def test_same_neuroal_cell_twice_gives_identical_checkpoints(tiny_llama, tmp_pat
     for name in ("a", "b"):
         assert main(prune_args(tiny_llama, tmp_path / name, *extra, sparsity="0.6")) == 0
     a, b = (read_manifest(tmp_path / name) for name in ("a", "b"))
-    assert a["files"] == b["files"] and a["lambdas"] == b["lambdas"] and a["calibration"] == b["calibration"]
-    assert a["module_sparsity"] == b["module_sparsity"]
+    assert a.files == b.files and a.lambdas == b.lambdas and a.calibration == b.calibration
+    assert a.module_sparsity == b.module_sparsity

@@ -76,14 +76,15 @@ def log_campaign(experiment: str, folder: Path, *, limit: int = 40, scale: float
 
 
 def fake_manifest(top_up: str, sparsity: float) -> dict:
-    """The parts of ``neuroal.json`` the report reads: per-module sparsity, NeuroAl's search."""
+    """A ``neuroal.json`` whose allocation differs by top-up: per-module sparsity, NeuroAl's search."""
     spread = {"uniform": 0.0, "owl": -0.05, "neuroal": 0.1}[top_up]
     blocks = [sparsity + spread * (i - 1) for i in range(BLOCKS)]
-    manifest = {"method": "wanda", "top_up": top_up, "target_sparsity": sparsity,
-                "achieved_sparsity": sparsity + 0.001,
+    manifest = {"source": {"spec": MODEL, "kind": "folder", "digest": "0" * 64}, "method": "wanda", "top_up": top_up,
+                "target_sparsity": sparsity, "achieved_sparsity": sparsity + 0.001,
                 "module_sparsity": {f"model.layers.{i}.{m}": blocks[i] for i in range(BLOCKS) for m in MODULES},
                 "timings": {"load": 0.5, "allocate": 20.0 if top_up == "neuroal" else 2.0, "prune": 10.0},
-                "lambdas": {}, "allocation": {}}
+                "lambdas": {}, "allocation": {}, "seed": 0, "config": {}, "device": "cpu", "dtype": "float32",
+                "versions": {}, "results_version": 3}
     if top_up == "neuroal":
         manifest["lambdas"] = {"block": 0.1, "row": 0.2}
         manifest["allocation"]["neuroal"] = {

@@ -260,9 +260,9 @@ def test_prune_calibrates_on_a_text_file(tiny_llama, text_file, tmp_path, capsys
     args = ["prune", "--model", str(tiny_llama), "--method", "wanda", "--sparsity", "0.5", "--nsamples", "2",
             "--seqlen", "16", "--calib", str(text_file), "--out", str(out)]
     assert main(args) == 0
-    calibration = read_manifest(out)["calibration"]
-    assert calibration["corpus"] == str(text_file) and calibration["bos_per_window"] is False
-    assert calibration["corpus_digest"] == corpus_digest(str(text_file))
+    calibration = read_manifest(out).calibration
+    assert calibration.corpus == str(text_file) and calibration.bos_per_window is False
+    assert calibration.corpus_digest == corpus_digest(str(text_file))
 
 
 def test_eval_perplexity_on_a_jsonl_file(tiny_llama, jsonl, tmp_path, capsys):

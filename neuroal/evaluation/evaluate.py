@@ -112,7 +112,7 @@ def evaluate(spec: EvalSpec) -> dict:
         "device": str(device),
         "lm_eval_version": lm_eval_version(),
         "timings": timings,
-        "checkpoint": manifest,
+        "checkpoint": manifest.model_dump() if manifest else None,
     }
 
 
