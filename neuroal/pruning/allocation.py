@@ -31,7 +31,16 @@ def spread_sparsities(values: Sequence[float], sparsity: float, half_width: floa
     is the target density ``1 - sparsity``; each block's sparsity is ``1 - density``. All-equal
     values give every block the target. A sparsity ``<= 0`` becomes ``MIN_SPARSITY`` and one above
     ``MAX_SPARSITY`` is capped, with a warning naming ``who``: the mean then drifts off the target.
+
+    Raises:
+        ValueError: no values, a target outside ``[0, 1)`` or a negative ``half_width``.
     """
+    if len(values) == 0:
+        raise ValueError(f"{who} needs at least one block")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if half_width < 0:
+        raise ValueError(f"{who}'s spread must be >= 0, got {half_width}")
     v = torch.tensor([float(x) for x in values], dtype=torch.float64)
     low, high = v.min(), v.max()
     scaled = (v - low) * (1 / (high - low) * half_width * 2) if high > low else torch.zeros_like(v)

@@ -14,7 +14,7 @@ pruned more. Transcribed from ``haiquanlu/AlphaPruning``:
   parameter-weighted mean is ``s`` (:func:`alpha_sparsities`).
 
 The weights alone decide (no calibration data); the authors compute the alphas once on the dense
-model and cache them. Hooks and loops over the model live in ``allocators.py``.
+model and cache them. Hooks and loops over the model live in ``__init__.py`` beside this file.
 """
 
 from __future__ import annotations

@@ -110,10 +110,4 @@ def dlp_sparsities(unimportance: Sequence[float], sparsity: float, alpha: float 
     Raises:
         ValueError: on an empty ``unimportance``, a target outside ``[0, 1)`` or a negative ``alpha``.
     """
-    if len(unimportance) == 0:
-        raise ValueError("dlp_sparsities needs at least one block")
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
     return spread_sparsities(block_importance(unimportance), sparsity, alpha, "DLP")

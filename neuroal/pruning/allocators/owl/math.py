@@ -11,7 +11,7 @@ Blocks whose Wanda scores hold more outliers are pruned less. Transcribed from t
 * ``r = (r - min) / (max - min) * 2 * Lamda``; ``r = r - mean(r) + (1 - sparsity)`` is each
   block's density, its sparsity ``1 - r``; a sparsity ``<= 0`` becomes 0.01.
 
-Hooks, the layer-sequential walk and the mapping to modules live in ``allocators.py``.
+The layer-sequential walk and the mapping to modules live in ``__init__.py`` beside this file.
 """
 
 from __future__ import annotations
@@ -82,10 +82,4 @@ def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float = DEFAUL
     Raises:
         ValueError: on an empty ``ratios``, a target outside ``[0, 1)`` or a negative ``lam``.
     """
-    if len(ratios) == 0:
-        raise ValueError("owl_sparsities needs at least one block ratio")
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if lam < 0:
-        raise ValueError(f"lambda must be >= 0, got {lam}")
     return spread_sparsities(ratios, sparsity, lam, "OWL")
