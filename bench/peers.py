@@ -55,6 +55,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--allocators", default=",".join(ALLOCATORS))
     parser.add_argument("--sparsities", default="0.5,0.6,0.7")
     parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--search-nsamples", type=int, default=8, help="NeuroAl's search set")
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--corpora", default=CORPORA)
     parser.add_argument("--eval-seqlen", type=int, default=256)
@@ -70,7 +71,8 @@ def _arguments() -> argparse.Namespace:
 def _cell(args, method: str, allocator: str, sparsity: float, windows: dict, device) -> dict:
     """One prune, timed, and its perplexities."""
     config = PruneConfig(model=args.model, method=method, top_up=allocator, sparsity=sparsity,
-                         nsamples=args.nsamples, seqlen=args.seqlen, device=args.device)
+                         nsamples=args.nsamples, search_nsamples=args.search_nsamples, seqlen=args.seqlen,
+                         device=args.device)
     start = time.perf_counter()
     pruned, _, manifest = prune_in_memory(Plan.of(config))
     seconds = time.perf_counter() - start
