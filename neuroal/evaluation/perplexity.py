@@ -60,14 +60,19 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
     total, count = 0.0, 0
     batch_size = min(batch_size, rows_within_logits_budget(windows.shape[1], model.config.get_text_config().vocab_size))
     for start in progress(range(0, windows.shape[0], batch_size), desc="perplexity"):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        loss = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += loss.item()
-        count += batch[:, 1:].numel()
+        loss, scored = next_token_loss(model, windows[start : start + batch_size].to(device))
+        total, count = total + loss, count + scored
     return math.exp(total / count)
+
+
+@torch.no_grad()
+def next_token_loss(model: nn.Module, batch: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy of one forward over ``[rows, seqlen]`` windows, and the
+    number of tokens scored (every position but the first)."""
+    logits = model(input_ids=batch, use_cache=False).logits.float()
+    loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                       reduction="sum")
+    return loss.item(), batch[:, 1:].numel()
 
 
 # A forward's float32 logits are [rows, seqlen, vocab], and about three such tensors are alive at

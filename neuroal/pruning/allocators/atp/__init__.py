@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from neuroal.errors import UserError
-from neuroal.evaluation.perplexity import rows_within_logits_budget
+from neuroal.evaluation.perplexity import next_token_loss, rows_within_logits_budget
 from neuroal.models import block_linears, decoder_blocks, linears_by_block
 from neuroal.progress import progress
 from neuroal.pruning.allocation import expand_to_modules
@@ -193,11 +193,8 @@ def head_loss(model: nn.Module, blocks: nn.ModuleList, final: list[torch.Tensor]
     with shadowed_forwards(blocks, shadow), onloaded_except_blocks(model, blocks, device):
         for batch in ids.split(batch_size):
             for chunk in batch.split(rows):
-                chunk = chunk.to(device)
-                logits = model(input_ids=chunk, use_cache=False).logits.float()
-                total += nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                     chunk[:, 1:].reshape(-1), reduction="sum").item()
-                count += chunk[:, 1:].numel()
+                loss, scored = next_token_loss(model, chunk.to(device))
+                total, count = total + loss, count + scored
     return total / count
 
 
