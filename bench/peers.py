@@ -1,6 +1,7 @@
 """Every base method x every allocator at given sparsities on one model: perplexity on the offline
 corpora, allocation time and total prune time, beside the dense model; then, per sparsity, method
-and corpus, which allocator wins and NeuroAl's rank. Prints markdown tables (and writes JSON).
+and corpus, which allocator wins and NeuroAl's rank. Prints markdown tables; --json keeps every cell as it
+finishes, and a rerun with the same settings resumes from it.
 
     .venv/bin/python bench/peers.py --model smollm2-135m --sparsities 0.5,0.6,0.7 \
         --nsamples 32 --seqlen 256 --eval-limit 100 --json runs/bench-peers.json
@@ -38,14 +39,49 @@ def main() -> None:
     dense = {c: perplexity(model.to(device), w, device) for c, w in windows.items()}
     print(f"{args.model} dense: " + ", ".join(f"{c} {p:.2f}" for c, p in dense.items()), flush=True)
 
-    rows = [_cell(args, method, allocator, sparsity, windows, device)
-            for sparsity in args.sparsities for method in args.methods for allocator in args.allocators]
+    rows = _earlier_rows(args)
+    for sparsity in args.sparsities:
+        for method in args.methods:
+            for allocator in args.allocators:
+                if not any(_is(r, sparsity, method, allocator) for r in rows):
+                    rows.append(_cell(args, method, allocator, sparsity, windows, device))
+                    _save(args, dense, rows)
+    rows = [r for s in args.sparsities for m in args.methods for a in args.allocators
+            for r in rows if _is(r, s, m, a)]
     _print_table(args, rows, dense)
     _print_winners(args, rows)
+
+
+# What a row's numbers depend on besides its cell; rows of an earlier --json are reused only when
+# these match, so an interrupted run resumes where it stopped.
+SETTINGS = ("model", "nsamples", "search_nsamples", "seqlen", "corpora", "eval_seqlen", "eval_limit", "device")
+
+
+def _settings(args) -> dict:
+    return {k: str(getattr(args, k)) for k in SETTINGS}
+
+
+def _is(row: dict, sparsity: float, method: str, allocator: str) -> bool:
+    return (row["sparsity"], row["method"], row["allocator"]) == (sparsity, method, allocator)
+
+
+def _earlier_rows(args) -> list[dict]:
+    if not (args.json and args.json.exists()):
+        return []
+    earlier = json.loads(args.json.read_text())
+    if earlier.get("settings") != _settings(args):
+        return []
+    print(f"resuming: {len(earlier['rows'])} cells read from {args.json}", flush=True)
+    return earlier["rows"]
+
+
+def _save(args, dense: dict, rows: list[dict]) -> None:
+    """Every cell so far, written after each one (temporary file, then rename)."""
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"dense": dense, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()}},
-                                        indent=1))
+        partial = args.json.with_suffix(".partial")
+        partial.write_text(json.dumps({"settings": _settings(args), "dense": dense, "rows": rows}, indent=1))
+        partial.replace(args.json)
 
 
 def _arguments() -> argparse.Namespace:
