@@ -147,8 +147,8 @@ def _manifest_summary(logged: dict | None) -> dict | None:
         return None
     manifest = Manifest.model_validate(logged)
     search = manifest.allocation.get("neuroal") or {}
-    return {"target_sparsity": manifest.target_sparsity, "module_sparsity": manifest.module_sparsity,
-            "allocation": {"neuroal": {k: v for k, v in search.items() if k != "row_sparsities"}} if search else {}}
+    return {"target_sparsity": manifest.target_sparsity, "block_sparsity": manifest.block_sparsity,
+            "module_sparsity": manifest.module_sparsity, "allocation": {"neuroal": {k: v for k, v in search.items() if k != "row_sparsities"}} if search else {}}
 
 
 def _write_files(report: dict, folder: Path) -> None:

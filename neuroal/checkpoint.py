@@ -50,9 +50,12 @@ class Manifest(_Record):
     Attributes:
         source: The dense model.
         method, top_up, mode, structure: How it was pruned (``mode``: NeuroAl's, else None).
-        target_sparsity, achieved_sparsity: Over every prunable weight; the achieved one counted
-            from the weights.
-        module_sparsity: Achieved sparsity per prunable module, by full name.
+        target_sparsity, achieved_sparsity: Over every prunable weight (every linear's and every
+            expert's of the decoder blocks); the achieved one counted from the weights.
+        block_sparsity: Achieved sparsity of each decoder block, counted over all its weights.
+        module_sparsity: Achieved sparsity per prunable matrix, by full name (an expert's:
+            ``...mlp.experts.down_proj.<expert>``).
+        unreached_experts: Experts that no calibration token reached, pruned by magnitude.
         lambdas: NeuroAl's chosen ``block`` and ``row`` lambdas (None for other allocators).
         allocation: What the allocator found (its own keys: OWL's ratios, NeuroAl's search, ...).
         calibration: The calibration windows (None when the cell read no data).
@@ -69,7 +72,9 @@ class Manifest(_Record):
     structure: str = "unstructured"
     target_sparsity: float
     achieved_sparsity: float
+    block_sparsity: list[float] = []
     module_sparsity: dict[str, float]
+    unreached_experts: list[str] = []
     lambdas: Optional[dict[str, Optional[float]]] = None
     allocation: dict = {}
     calibration: Optional[CalibrationRecord] = None

@@ -30,7 +30,7 @@ from neuroal.models import (
     load_config,
     load_model,
     load_tokenizer,
-    prunable_linears,
+    prunable_matrices,
     resolve_device,
     resolve_dtype,
     resolve_model,
@@ -89,9 +89,12 @@ class Plan:
                    reads_data, device, resolve_dtype(config.dtype, device))
 
     def load(self):
-        """``(model, tokenizer)`` of the cell's source, with its dtype and trust settings."""
+        """``(model, tokenizer)`` of the cell's source, with its dtype and trust settings; a model
+        with a block weight the pruner cannot handle is refused here, before any data is read."""
         c = self.config
-        return load_model(self.source, self.dtype, c.trust_remote_code, allow_pickle=c.allow_pickle)
+        model, tokenizer = load_model(self.source, self.dtype, c.trust_remote_code, allow_pickle=c.allow_pickle)
+        prunable_matrices(model)
+        return model, tokenizer
 
     def calibrate(self, tokenizer, model_config) -> CalibrationSet:
         """Draw the calibration windows; the spec (in the manifest) records the resolved BOS choice."""
@@ -104,7 +107,7 @@ class Plan:
         c = self.config
         torch.manual_seed(c.seed)
         inputs = AllocationInputs(
-            model, prunable_linears(model), c.sparsity, self.method, self.device, c.batch_size,
+            model, prunable_matrices(model), c.sparsity, self.method, self.device, c.batch_size,
             calibration_ids=calibration.input_ids if calibration else None,
             search_ids=calibration.search_set(c.search_nsamples) if self.allocator.searches else None,
             cache_dir=activation_cache or cache_dir("activations"), model_digest=self.source.digest,
@@ -203,8 +206,10 @@ def prune_in_memory(plan: Plan, *, calibration: CalibrationSet | None = None, al
     timings["allocate"] = allocation.seconds
     ids = calibration.input_ids if calibration else None
     with timed(timings, "prune"):
-        prune_model(model, plan.method, allocation.targets, ids, plan.device, config.batch_size, plan.structure,
-                    plan.allocator, plan.options)
+        unreached = prune_model(model, plan.method, allocation.targets, ids, plan.device, config.batch_size,
+                                plan.structure, plan.allocator, plan.options)
+    if unreached:
+        logger.warning("%d experts received no calibration token and were pruned by magnitude", len(unreached))
     report = sparsity_report(model)
     logger.info("pruned %s to %.4f sparsity (target %.4f)", config.model, report["achieved"], config.sparsity)
 
@@ -217,7 +222,9 @@ def prune_in_memory(plan: Plan, *, calibration: CalibrationSet | None = None, al
         structure=config.structure,
         target_sparsity=config.sparsity,
         achieved_sparsity=report["achieved"],
+        block_sparsity=report["blocks"],
         module_sparsity=report["modules"],
+        unreached_experts=unreached,
         lambdas=_lambdas(allocation.details),
         allocation=allocation.details,
         calibration=calibrated,

@@ -12,10 +12,13 @@ from neuroal.checkpoint import Manifest
 ALLOCATION_PNG = "allocation.png"
 
 
-def block_sparsity(module_sparsity: dict[str, float]) -> list[float]:
-    """Mean achieved sparsity of each decoder block, from per-module sparsities keyed by full name."""
+def block_sparsity(manifest: dict) -> list[float]:
+    """Achieved sparsity of each decoder block, counted over all its weights (experts included);
+    manifests that predate that count give the mean over the block's modules."""
+    if manifest.get("block_sparsity"):
+        return manifest["block_sparsity"]
     blocks: dict[int, list[float]] = defaultdict(list)
-    for name, value in module_sparsity.items():
+    for name, value in manifest["module_sparsity"].items():
         index = re.search(r"\.(\d+)\.", name)
         if index:
             blocks[int(index.group(1))].append(value)
@@ -32,7 +35,7 @@ def plot_allocation(manifest: Manifest, path: Path) -> None:
     search = manifest.allocation.get("neuroal")
     fig, axes = plt.subplots(1, 2 if search else 1, figsize=(11 if search else 6, 3.6), squeeze=False)
     ax = axes[0][0]
-    sparsities = block_sparsity(manifest.module_sparsity)
+    sparsities = block_sparsity(manifest.model_dump())
     ax.bar(range(len(sparsities)), sparsities, color="#4C72B0")
     ax.axhline(manifest.target_sparsity, color="black", lw=1, ls="--", label="target")
     ax.set(xlabel="decoder block", ylabel="achieved sparsity", title=f"{manifest.method} + {manifest.top_up}")
@@ -97,7 +100,7 @@ def plot_block_sparsity_profiles(cells: list[dict], path: Path, title: str) -> b
     fig, axes = plt.subplots(1, len(sparsities), figsize=(5.2 * len(sparsities), 3.6), squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
         for top_up, mine in _by_top_up([c for c in done if c["sparsity"] == sparsity]).items():
-            profile = block_sparsity(mine[0]["manifest"]["module_sparsity"])
+            profile = block_sparsity(mine[0]["manifest"])
             ax.plot(range(len(profile)), profile, marker=".", color=_colour(top_up, done), label=top_up, zorder=2)
         ax.axhline(sparsity, color="black", lw=1, ls=":", zorder=1, label="target")  # under uniform's line
         ax.set(xlabel="decoder block", ylabel="achieved sparsity", title=f"target {sparsity:.0%}")

@@ -18,8 +18,12 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from neuroal.models.matrices import Matrix
+from neuroal.routed import Routed, routed_inputs
+
 logger = logging.getLogger(__name__)
 
+Observed = torch.Tensor | Routed  # what observe_inputs passes on: a linear's batch, or an expert's tokens
 Call = tuple[tuple, dict]  # the positional (after the hidden states) and keyword arguments of one block call
 
 
@@ -128,30 +132,43 @@ def _block_output(out) -> torch.Tensor:
 
 @torch.no_grad()
 def observe_inputs(
-    block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs, observe: Callable[[str, torch.Tensor], None],
+    block: nn.Module, matrices: dict[str, Matrix], inputs: BlockInputs, observe: Callable[[str, Observed], None],
     *, outputs: bool = True,
 ) -> BlockInputs | None:
-    """Run the block once, calling ``observe(name, x)`` with every batch of input each linear reads
-    (``x``: ``[batch, tokens, in_features]``); returns the block's outputs.
+    """Run the block once, calling ``observe(name, x)`` with every batch of input each matrix
+    reads (a linear's ``x``: ``[batch, tokens, in]``; an expert's: the ``Routed`` tokens that reach
+    it); returns the block's outputs.
 
-    ``outputs=False``: only the inputs are wanted, so each batch stops as soon as every linear has
+    ``outputs=False``: only the inputs are wanted, so each batch stops as soon as every matrix has
     seen its input; the last projection (an MLP's down projection, a quarter of a block's work)
     and the residual are never computed. Returns None.
     """
     seen: set[str] = set()
     batch = [0]  # samples in the batch being run
 
-    def hook(name):
+    def seen_all(names):
+        seen.update(names)
+        if not outputs and len(seen) == len(matrices):
+            raise _Observed
+
+    def linear_hook(name):
         def observe_input(_module, args):
-            # Some families flatten tokens before the MLP (OPT: [batch * tokens, in]); unflatten so
-            # that statistics count samples, not batches.
+            # Some families flatten tokens before the MLP (OPT, Qwen2-MoE's shared expert:
+            # [batch * tokens, in]); unflatten so that statistics count samples, not batches.
             observe(name, args[0].detach().reshape(batch[0], -1, args[0].shape[-1]))
-            seen.add(name)
-            if not outputs and len(seen) == len(linears):
-                raise _Observed
+            seen_all((name,))
         return observe_input
 
-    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
+    def experts_hook(slices):
+        def observe_routed(module, args, kwargs):
+            for name, routed in routed_inputs(module, args, kwargs, batch[0], slices):
+                observe(name, routed)
+            seen_all(slices)
+        return observe_routed
+
+    handles = [m.owner.register_forward_pre_hook(linear_hook(name)) for name, m in matrices.items() if m.expert is None]
+    for owner, slices in _slices_by_owner(matrices).items():
+        handles.append(owner.register_forward_pre_hook(experts_hook(slices), with_kwargs=True))
     try:
         outputs_by_batch = []
         for hidden, args, kwargs in inputs.batches(block):
@@ -163,6 +180,15 @@ def observe_inputs(
     finally:
         for h in handles:
             h.remove()
+
+
+def _slices_by_owner(matrices: dict[str, Matrix]) -> dict[nn.Module, dict[str, Matrix]]:
+    """The expert slices among ``matrices``, grouped by their fused experts module."""
+    grouped: dict[nn.Module, dict[str, Matrix]] = {}
+    for name, m in matrices.items():
+        if m.expert is not None:
+            grouped.setdefault(m.owner, {})[name] = m
+    return grouped
 
 
 @contextlib.contextmanager

@@ -101,6 +101,30 @@ def tiny_family_configs(vocab_size: int = 128) -> dict:
 FAMILIES = list(tiny_family_configs())
 
 
+def tiny_moe_configs(vocab_size: int = 128) -> dict:
+    """One tiny mixture-of-experts config per family of the table, and GPT-OSS through the generic
+    path (transposed, interleaved gate/up, biases, a router named ``router``): 4 experts, 2 per
+    token. Input sizes of 80 keep per-row rounding under 0.01 at the tests' sparsities.
+    Qwen2-MoE has a shared expert and a dense first block (``mlp_only_layers``)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=80, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=20, intermediate_size=80, num_experts_per_tok=2,
+                  tie_word_embeddings=True)
+    qwen = dict(**common, num_experts=4, moe_intermediate_size=80)
+    return {
+        "MixtralForCausalLM": tf.MixtralConfig(**common, num_local_experts=4),
+        "Qwen2MoeForCausalLM": tf.Qwen2MoeConfig(**qwen, shared_expert_intermediate_size=80, mlp_only_layers=[0]),
+        "Qwen3MoeForCausalLM": tf.Qwen3MoeConfig(**qwen),
+        "OlmoeForCausalLM": tf.OlmoeConfig(**{k: v for k, v in common.items() if k != "head_dim"}, num_experts=4),
+        "GptOssForCausalLM": tf.GptOssConfig(**common, num_local_experts=4, sliding_window=8,
+                                             layer_types=["sliding_attention", "full_attention"]),
+    }
+
+
+MOE_FAMILIES = list(tiny_moe_configs())
+
+
 @pytest.fixture(scope="session")
 def family_folders(tmp_path_factory, tokenizer) -> dict:
     """Every family of ``tiny_family_configs`` saved once as a model folder with the real tokenizer."""
@@ -110,26 +134,61 @@ def family_folders(tmp_path_factory, tokenizer) -> dict:
 
 def input_norms_by_whole_model_hooks(model, ids, batch_size: int | None = None) -> dict:
     """Independent computation: whole-model forwards (``batch_size`` windows each, default all) with
-    a hook on every linear of the blocks; Wanda's per-column input norm
+    a hook on every linear of the blocks, and for fused experts the model's eager experts forward
+    with every product by an expert's slice recorded; Wanda's per-column input norm
     ``sqrt(sum over samples and tokens of x^2 / samples)``."""
-    from neuroal.models import prunable_linears
+    squares = whole_model_input_squares(model, ids, batch_size)
+    return {name: torch.sqrt(total / ids.shape[0]) for name, total in squares.items()}
+
+
+def whole_model_input_squares(model, ids, batch_size: int | None = None) -> dict:
+    """Per prunable matrix, the per-column sum over every token it reads of ``x^2`` (float32)."""
+    from neuroal.models import prunable_matrices
 
     squares: dict[str, torch.Tensor] = {}
 
-    def hook(name):
-        def add(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            squares[name] = squares.get(name, 0) + (x * x).sum(dim=0)
-        return add
+    def add(name, x):
+        x = x.reshape(-1, x.shape[-1]).float()
+        squares[name] = squares.get(name, 0) + (x * x).sum(dim=0)
 
+    def hook(name):
+        return lambda _module, args: add(name, args[0])
+
+    matrices = prunable_matrices(model)
+    handles = [m.owner.register_forward_pre_hook(hook(n)) for n, m in matrices.items() if m.expert is None]
+    slices = {storage_key(getattr(m.owner, m.param)[m.expert]): n for n, m in matrices.items() if m.expert is not None}
+    if slices:
+        model.set_experts_implementation("eager")  # a Python loop over experts, one product per expert
     batch_size = batch_size or ids.shape[0]
-    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in prunable_linears(model).items()]
-    with torch.no_grad():
-        for start in range(0, ids.shape[0], batch_size):
-            model(input_ids=ids[start : start + batch_size])
-    for h in handles:
-        h.remove()
-    return {name: torch.sqrt(total / ids.shape[0]) for name, total in squares.items()}
+    try:
+        with torch.no_grad(), ExpertProducts(slices, add):
+            for start in range(0, ids.shape[0], batch_size):
+                model(input_ids=ids[start : start + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return squares
+
+
+def storage_key(tensor):
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset()
+
+
+class ExpertProducts(torch.overrides.TorchFunctionMode):
+    """Records the left operand of every ``F.linear`` or matmul whose weight is an expert's slice of
+    a fused tensor (``slices``: storage key of the slice -> name), whatever the family's layout."""
+
+    def __init__(self, slices: dict, record):
+        super().__init__()
+        self.slices, self.record = slices, record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) and len(args) >= 2:
+            weight = args[1]
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2 and storage_key(weight) in self.slices:
+                self.record(self.slices[storage_key(weight)], args[0])
+        return func(*args, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import torch
 
 from conftest import FAMILIES, SMOLLM2_VOCAB, input_norms_by_whole_model_hooks
 from neuroal.cli import main
-from neuroal.models import architecture_of, decoder_blocks, load_model, prunable_linears, resolve_model
+from neuroal.models import architecture_of, decoder_blocks, load_model, prunable_matrices, resolve_model
 from neuroal.pruning.layer_sequential import layer_sequential
 from neuroal.pruning.statistics import NORMS
 from neuroal.replay import capture_block_inputs, run_block
@@ -90,7 +90,7 @@ def test_prune_every_family(family_folders, family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
-    for name, lin in prunable_linears(model).items():
+    for name, lin in prunable_matrices(model).items():
         zeros = (lin.weight == 0).sum(dim=1)
         assert torch.all(zeros == math.floor(0.6 * lin.in_features)), name
     with torch.no_grad():
@@ -100,7 +100,7 @@ def test_prune_every_family(family_folders, family, tmp_path):
 def saved_linears(folder):
     from transformers import AutoModelForCausalLM
 
-    return prunable_linears(AutoModelForCausalLM.from_pretrained(folder))
+    return prunable_matrices(AutoModelForCausalLM.from_pretrained(folder))
 
 
 def prune_cli(model, out, method, top_up, sparsity, *extra) -> int:

@@ -17,7 +17,7 @@ from conftest import FAMILIES, SMOLLM2_VOCAB
 from neuroal.cli import main
 from neuroal.errors import UserError
 from neuroal.evaluation.perplexity import perplexity
-from neuroal.models import linears_by_block, load_model, prunable_linears, resolve_model
+from neuroal.models import matrices_by_block, load_model, prunable_matrices, resolve_model
 from neuroal.pruning.allocation import expand_to_modules
 from neuroal.pruning.allocators import atp
 from neuroal.pruning.allocators.atp.math import DEFAULT_STEP, atp_sparsities, best_beta, beta_grid, max_beta
@@ -123,14 +123,14 @@ def llama_model(tiny_llama):
 
 def inputs_for(model, method="wanda", sparsity=0.6, batch_size=2):
     method = BASE_METHODS[method] if isinstance(method, str) else method
-    return AllocationInputs(model, prunable_linears(model), sparsity, method, CPU, batch_size, calibration_ids=IDS)
+    return AllocationInputs(model, prunable_matrices(model), sparsity, method, CPU, batch_size, calibration_ids=IDS)
 
 
 def pipeline_loss(model, method, sparsity, beta, batch_size):
     """What the authors' main.py does for one beta, with this project's own parts: the pipeline's
     layer-sequential prune at Eq. 10's block sparsities, then the perplexity of the pruned model."""
     pruned = copy.deepcopy(model)
-    blocks = linears_by_block(pruned)
+    blocks = matrices_by_block(pruned)
     targets = expand_to_modules(atp_sparsities(len(blocks), sparsity, beta), [list(b) for b in blocks])
     prune_model(pruned, method, targets, IDS, CPU, batch_size)
     return math.log(perplexity(pruned, IDS, CPU, batch_size))
@@ -224,7 +224,7 @@ def check_checkpoint(out):
 
     details = json.loads((out / "neuroal.json").read_text())["allocation"]
     model = AutoModelForCausalLM.from_pretrained(out)
-    blocks = linears_by_block(model)
+    blocks = matrices_by_block(model)
     assert details["block_sparsities"] == sorted(details["block_sparsities"])
     counted = []
     for block, sparsity in zip(blocks, details["block_sparsities"], strict=True):
@@ -232,7 +232,7 @@ def check_checkpoint(out):
             assert torch.all((lin.weight == 0).sum(dim=1) == int(lin.in_features * sparsity)), name
         counted.append(sum(int((lin.weight == 0).sum()) for lin in block.values())
                        / sum(lin.weight.numel() for lin in block.values()))
-    linears = prunable_linears(model)
+    linears = prunable_matrices(model)
     achieved = sum(int((lin.weight == 0).sum()) for lin in linears.values()) / sum(
         lin.weight.numel() for lin in linears.values())
     return achieved, counted, details
@@ -274,5 +274,5 @@ def test_every_family(family_folders, family, tmp_path):
     achieved, counted, details = check_checkpoint(out)
     assert details["beta"] in beta_grid(2, 0.6, 0.1)
     assert counted[0] < counted[1]
-    smallest = min(lin.in_features for lin in prunable_linears(model).values())
+    smallest = min(lin.in_features for lin in prunable_matrices(model).values())
     assert achieved == pytest.approx(0.6, abs=1 / smallest)  # int(s * in) per row drops < 1 weight a row

@@ -29,10 +29,10 @@ def assert_rows_pruned(folder: Path, sparsity: float):
     """Count zeros in the saved weights (not the manifest): exactly floor(s * in) in every row."""
     from transformers import AutoModelForCausalLM
 
-    from neuroal.models import prunable_linears
+    from neuroal.models import prunable_matrices
 
     model = AutoModelForCausalLM.from_pretrained(folder)
-    for name, lin in prunable_linears(model).items():
+    for name, lin in prunable_matrices(model).items():
         zeros = (lin.weight == 0).sum(dim=1)
         assert torch.all(zeros == math.floor(sparsity * lin.in_features)), name
     return model

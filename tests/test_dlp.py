@@ -11,7 +11,7 @@ import torch
 
 from conftest import FAMILIES, SMOLLM2_VOCAB, input_norms_by_whole_model_hooks
 from neuroal.cli import main
-from neuroal.models import block_linears, decoder_blocks, load_model, prunable_linears, resolve_model
+from neuroal.models import block_matrices, decoder_blocks, load_model, prunable_matrices, resolve_model
 from neuroal.pruning.allocators.dlp import ALLOCATOR, Options
 from neuroal.pruning.allocators.dlp.math import (
     MIN_SPARSITY,
@@ -135,15 +135,15 @@ IDS = torch.randint(0, SMOLLM2_VOCAB, (4, 32), generator=torch.Generator().manua
 
 def test_allocate_on_the_dense_model(tiny_llama):
     model, _ = load_model(resolve_model(str(tiny_llama)))
-    before = {n: lin.weight.clone() for n, lin in prunable_linears(model).items()}
-    inputs = AllocationInputs(model, prunable_linears(model), 0.6, WANDA, CPU, batch_size=2, calibration_ids=IDS)
+    before = {n: lin.weight.clone() for n, lin in prunable_matrices(model).items()}
+    inputs = AllocationInputs(model, prunable_matrices(model), 0.6, WANDA, CPU, batch_size=2, calibration_ids=IDS)
     allocation = allocator("dlp").allocate(inputs, Options())
 
     norms = input_norms_by_whole_model_hooks(model, IDS)
     expected = []
     for index, block in enumerate(decoder_blocks(model)):
         prefix = f"model.layers.{index}"
-        scores = [lin.weight.abs() * norms[f"{prefix}.{n}"] for n, lin in block_linears(block).items()]
+        scores = [lin.weight.abs() * norms[f"{prefix}.{n}"] for n, lin in block_matrices(block).items()]
         expected.append(torch.median(torch.cat([s.flatten() for s in scores])).item())
     assert allocation.details["block_unimportance"] == pytest.approx(expected, rel=1e-5)
     sparsities = allocation.details["block_sparsities"]
@@ -152,7 +152,7 @@ def test_allocate_on_the_dense_model(tiny_llama):
     assert allocation.targets.keys() == before.keys()
     for name, target in allocation.targets.items():
         assert target == sparsities[int(name.split(".")[2])]
-    assert all(torch.equal(lin.weight, before[n]) for n, lin in prunable_linears(model).items())  # dense left dense
+    assert all(torch.equal(lin.weight, before[n]) for n, lin in prunable_matrices(model).items())  # dense left dense
 
 
 def test_allocator_declares_what_it_reads():
@@ -171,7 +171,7 @@ def prune_cli(model, out, *extra) -> int:
 def achieved_sparsity(folder) -> float:
     from transformers import AutoModelForCausalLM
 
-    linears = prunable_linears(AutoModelForCausalLM.from_pretrained(folder))
+    linears = prunable_matrices(AutoModelForCausalLM.from_pretrained(folder))
     zeros = sum(int((lin.weight == 0).sum()) for lin in linears.values())
     return zeros / sum(lin.weight.numel() for lin in linears.values())
 
@@ -182,7 +182,7 @@ def floor_count_sparsity(model_folder, block_sparsities) -> float:
     model, _ = load_model(resolve_model(str(model_folder)))
     zeros = total = 0
     for s, block in zip(block_sparsities, decoder_blocks(model)):
-        for lin in block_linears(block).values():
+        for lin in block_matrices(block).values():
             zeros += lin.out_features * math.floor(s * lin.in_features)
             total += lin.weight.numel()
     return zeros / total

@@ -14,10 +14,10 @@ from neuroal.errors import UserError
 from neuroal.models import (
     ARCHITECTURES,
     architecture_of,
-    block_linears,
+    block_matrices,
     decoder_blocks,
     load_model,
-    prunable_linears,
+    prunable_matrices,
     resolve_device,
     resolve_dtype,
     resolve_model,
@@ -33,16 +33,16 @@ def test_architecture_roles_name_real_linears(family):
     arch = architecture_of(model)
     blocks = decoder_blocks(model, arch)
     assert isinstance(blocks, nn.ModuleList) and len(blocks) == 2
-    linears = block_linears(blocks[0])
+    linears = block_matrices(blocks[0])
     for role, names in arch.roles().items():
         assert names, f"{family}: role {role} has no modules"
         for name in names:
             assert name in linears, f"{family}: {role} names {name}, not a linear of the block"
     # Prunable = every linear in the blocks; never the embeddings or the LM head.
-    prunable = prunable_linears(model, arch)
+    prunable = prunable_matrices(model, arch)
     assert len(prunable) == 2 * len(linears)
-    assert all(model.get_submodule(name) is lin for name, lin in prunable.items())
-    assert not any(lin is model.get_output_embeddings() for lin in prunable.values())
+    assert all(model.get_submodule(name) is m.owner for name, m in prunable.items())
+    assert not any(m.owner is model.get_output_embeddings() for m in prunable.values())
 
 
 def test_generic_fallback_is_used_only_outside_the_table():
@@ -86,7 +86,7 @@ def test_alias_converts_once_into_neuroal_cache(tmp_path, monkeypatch):
 def test_smollm2_alias_loads_and_speaks(smollm2_folder):
     model, tokenizer = load_model(resolve_model("smollm2-135m"), torch.float32)
     assert type(model).__name__ == "LlamaForCausalLM"
-    assert len(decoder_blocks(model)) == 30 and len(prunable_linears(model)) == 30 * 7
+    assert len(decoder_blocks(model)) == 30 and len(prunable_matrices(model)) == 30 * 7
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])

@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_family_configs
 from neuroal.cli import main
-from neuroal.models import prunable_linears
+from neuroal.models import prunable_matrices
 from neuroal.pruning import base_method
 from neuroal.pruning.allocators.neuroal import Options, search_lambdas
 from neuroal.pruning.allocators.neuroal.math import BLOCK_LAMBDAS, ROW_LAMBDAS, block_lambdas, fit_rows
@@ -46,7 +46,7 @@ def test_fit_rows_folds_and_repeats():
 def test_row_vectors_fit_every_family(family):
     model = tiny(family)
     result = search_lambdas(model, base_method("wanda"), 0.6, IDS, CPU, Options(mode="dense"))
-    linears = prunable_linears(model)
+    linears = prunable_matrices(model)
     assert result.row_lambda is not None
     for name, target in result.allocation.items():
         assert isinstance(target, torch.Tensor) and target.numel() == linears[name].out_features, name

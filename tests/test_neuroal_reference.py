@@ -24,7 +24,7 @@ import math
 import pytest
 import torch
 
-from neuroal.models import architecture_of, block_linears, decoder_blocks, load_model, prunable_linears, resolve_model
+from neuroal.models import architecture_of, block_matrices, decoder_blocks, load_model, prunable_matrices, resolve_model
 from neuroal.pruning import base_method, prune_model
 
 CPU = torch.device("cpu")
@@ -117,7 +117,7 @@ def input_norms(model, block, linears: dict, ids: torch.Tensor) -> dict[str, tor
     def stop(_module, _args, _output):
         raise _Stop
 
-    handles = [lin.register_forward_hook(record(name)) for name, lin in linears.items()]
+    handles = [lin.owner.register_forward_hook(record(name)) for name, lin in linears.items()]
     handles.append(block.register_forward_hook(stop))
     try:
         for s in range(ids.shape[0]):
@@ -147,11 +147,11 @@ def alignment_pass(model, method_name: str, targets: list[dict], ids: torch.Tens
     ``targets[i]``: block-relative module name -> sparsity (float) or per-row sparsities (tensor)."""
     arch = architecture_of(model)
     blocks = decoder_blocks(model)
-    saved = [{name: lin.weight.detach().clone() for name, lin in block_linears(b).items()} for b in blocks]
+    saved = [{name: lin.weight.detach().clone() for name, lin in block_matrices(b).items()} for b in blocks]
     score, deltas = 0.0, {}
     try:
         for i, block in enumerate(blocks):
-            linears = block_linears(block)
+            linears = block_matrices(block)
             dense = input_norms(model, block, linears, ids)  # upstream blocks are pruned, block i dense
             for name, lin in linears.items():
                 mask = prune_mask(base_scores(method_name, lin.weight, dense[name]), targets[i][name])
@@ -163,7 +163,7 @@ def alignment_pass(model, method_name: str, targets: list[dict], ids: torch.Tens
             # block i stays pruned so that block i+1 sees its sparse outputs
     finally:
         for block, weights in zip(blocks, saved):
-            for name, lin in block_linears(block).items():
+            for name, lin in block_matrices(block).items():
                 lin.weight.copy_(weights[name])
     return score, deltas
 
@@ -191,7 +191,7 @@ def row_vectors(model, block_index: int, deltas: dict) -> dict[str, torch.Tensor
     arch = architecture_of(model)
     roles = arch.roles()
     blocks = decoder_blocks(model)
-    linears = block_linears(blocks[block_index])
+    linears = block_matrices(blocks[block_index])
 
     def delta(i, role):
         return deltas[f"{arch.blocks}.{i}.{roles[role][0]}"]
@@ -225,7 +225,7 @@ def reference_search(model, method_name: str, sparsity: float, search_ids: torch
     row_scores, allocation full-name -> float or per-row float64 tensor)."""
     arch = architecture_of(model)
     blocks = decoder_blocks(model)
-    names = [list(block_linears(b)) for b in blocks]
+    names = [list(block_matrices(b)) for b in blocks]
 
     def block_targets(schedule):
         return [{name: schedule[i] for name in names[i]} for i in range(len(blocks))]
@@ -248,7 +248,7 @@ def reference_search(model, method_name: str, sparsity: float, search_ids: torch
         return block_lambda, None, block_scores, {}, allocation
 
     vectors = [row_vectors(model, i, deltas) for i in range(len(blocks))]
-    linears = [block_linears(b) for b in blocks]
+    linears = [block_matrices(b) for b in blocks]
     row_scores, row_targets = {}, {}
     for lam in REF_ROW_LAMBDAS:
         targets = []
@@ -504,7 +504,7 @@ def test_final_masks_match_transcription(tiny_llama, method_name, sparsity):
     for chosen in (allocation, fast.allocation):
         model, _ = load_model(resolve_model(str(tiny_llama)))
         prune_model(model, base_method(method_name), chosen, calib_ids(), CPU, batch_size=2)
-        masks.append({name: lin.weight == 0 for name, lin in prunable_linears(model).items()})
+        masks.append({name: lin.weight == 0 for name, lin in prunable_matrices(model).items()})
     reference, got = masks
     assert set(got) == set(reference)
     problems = [

@@ -9,7 +9,7 @@ import torch
 
 from neuroal.replay import capture_block_inputs, run_block
 from neuroal.errors import UserError
-from neuroal.models import block_linears, decoder_blocks, load_model, prunable_linears, resolve_model
+from neuroal.models import block_matrices, decoder_blocks, load_model, prunable_matrices, resolve_model
 from neuroal.pruning import allocator, base_method, prune_model, sparsity_report
 from neuroal.pruning.masks import lowest, mask_from_ranks, per_row_mask, row_mask, row_ranks
 from neuroal.pruning.methods.magnitude import magnitude_score
@@ -92,7 +92,7 @@ def test_input_norms_are_wanda_statistic(tiny_llama):
 
 
 def uniform_targets(model, sparsity: float) -> dict:
-    return {name: sparsity for name in prunable_linears(model)}
+    return {name: sparsity for name in prunable_matrices(model)}
 
 
 def reference_wanda(model, ids: torch.Tensor, sparsity: float) -> None:
@@ -100,7 +100,7 @@ def reference_wanda(model, ids: torch.Tensor, sparsity: float) -> None:
     scored on the inputs that the pruned blocks before it produce, then pruned by the formula."""
     blocks = decoder_blocks(model)
     for block in blocks:
-        linears = block_linears(block)
+        linears = block_matrices(block)
         sq = {name: 0.0 for name in linears}
 
         def hook(name):
@@ -109,7 +109,7 @@ def reference_wanda(model, ids: torch.Tensor, sparsity: float) -> None:
 
             return fn
 
-        handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
+        handles = [lin.owner.register_forward_hook(hook(n)) for n, lin in linears.items()]
         with torch.no_grad():
             for s in range(ids.shape[0]):
                 model(input_ids=ids[s : s + 1])
@@ -128,17 +128,17 @@ def test_layer_sequential_wanda_matches_transcription(tiny_llama):
     slow, _ = load_model(resolve_model(str(tiny_llama)))
     prune_model(fast, base_method("wanda"), uniform_targets(fast, 0.5), ids, CPU, batch_size=3)
     reference_wanda(slow, ids, 0.5)
-    for (name, a), b in zip(prunable_linears(fast).items(), prunable_linears(slow).values()):
+    for (name, a), b in zip(prunable_matrices(fast).items(), prunable_matrices(slow).values()):
         assert torch.equal(a.weight == 0, b.weight == 0), name
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_prune_reaches_target_in_every_row(tiny_llama, method):
     model, _ = load_model(resolve_model(str(tiny_llama)))
-    dense = {n: lin.weight.clone() for n, lin in prunable_linears(model).items()}
+    dense = {n: lin.weight.clone() for n, lin in prunable_matrices(model).items()}
     ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(0))
     prune_model(model, base_method(method), uniform_targets(model, 0.5), ids, CPU)
-    for name, lin in prunable_linears(model).items():
+    for name, lin in prunable_matrices(model).items():
         zeros_per_row = (lin.weight == 0).sum(dim=1)
         assert torch.all(zeros_per_row == lin.in_features // 2), name
         kept = lin.weight != 0
@@ -162,7 +162,7 @@ def test_refinement_hits_attention_roles_and_regrows_original_values(tiny_llama)
     from neuroal.pruning.plugin import Allocator
 
     model, _ = load_model(resolve_model(str(tiny_llama)))
-    dense = {n: lin.weight.clone() for n, lin in prunable_linears(model).items()}
+    dense = {n: lin.weight.clone() for n, lin in prunable_matrices(model).items()}
     regrown = {}  # id(weight) -> the (row, column) put back
 
     def regrow_one(weight, mask, stats, structure, options):
@@ -176,7 +176,7 @@ def test_refinement_hits_attention_roles_and_regrows_original_values(tiny_llama)
     spy = Allocator("spy", "test", uniform.allocate, refine=regrow_one, refine_roles=("attn_in", "attn_out"))
     ids = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
     prune_model(model, base_method("sparsegpt"), uniform_targets(model, 0.5), ids, CPU, allocator=spy)
-    linears = prunable_linears(model)
+    linears = prunable_matrices(model)
     attention = {n for n in linears if ".self_attn." in n}
     assert set(regrown) == {id(linears[n].weight) for n in attention}
     for name in attention:
@@ -207,5 +207,5 @@ def test_sequential_onloading_keeps_the_model_home():
     prune_model(on_cpu, base_method("wanda"), uniform_targets(on_cpu, 0.5), ids, CPU)
     assert all(p.device.type == "cpu" for p in on_gpu.parameters())
     assert torch.cuda.max_memory_allocated(cuda) < model_bytes / 2  # 8 blocks, about one at a time
-    for a, b in zip(prunable_linears(on_gpu).values(), prunable_linears(on_cpu).values()):
+    for a, b in zip(prunable_matrices(on_gpu).values(), prunable_matrices(on_cpu).values()):
         assert ((a.weight == 0) == (b.weight == 0)).float().mean() > 0.99

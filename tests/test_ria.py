@@ -11,7 +11,7 @@ import torch
 
 from conftest import FAMILIES
 from neuroal.cli import main
-from neuroal.models import prunable_linears
+from neuroal.models import prunable_matrices
 from neuroal.pruning import base_method
 from neuroal.pruning.methods.ria import ria_score
 from neuroal.pruning.statistics import NORMS, InputStats
@@ -135,7 +135,7 @@ def prune(model, out, top_up: str, sparsity: float, *extra: str) -> int:
 def saved_linears(folder) -> dict:
     from transformers import AutoModelForCausalLM
 
-    return prunable_linears(AutoModelForCausalLM.from_pretrained(folder))
+    return prunable_matrices(AutoModelForCausalLM.from_pretrained(folder))
 
 
 def achieved(linears: dict) -> float:

@@ -1,13 +1,12 @@
-"""Model specs, loading, and the architecture table."""
+"""Model specs, loading, the architecture table, and the prunable matrices of a block."""
 
 from neuroal.models.architectures import (
     ARCHITECTURES,
     Architecture,
     architecture_of,
-    block_linears,
     decoder_blocks,
-    linears_by_block,
-    prunable_linears,
+    matrices_by_block,
+    prunable_matrices,
 )
 from neuroal.models.loading import (
     ALIASES,
@@ -21,22 +20,24 @@ from neuroal.models.loading import (
     resolve_dtype,
     resolve_model,
 )
+from neuroal.models.matrices import Matrix, block_matrices
 
 __all__ = [
     "ALIASES",
     "ARCHITECTURES",
     "Architecture",
+    "Matrix",
     "ModelSource",
     "architecture_of",
-    "block_linears",
+    "block_matrices",
     "check_weights",
     "context_length",
     "decoder_blocks",
-    "linears_by_block",
     "load_config",
     "load_model",
     "load_tokenizer",
-    "prunable_linears",
+    "matrices_by_block",
+    "prunable_matrices",
     "resolve_device",
     "resolve_dtype",
     "resolve_model",

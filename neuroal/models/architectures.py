@@ -1,28 +1,31 @@
 """Architecture table: where each model family keeps its decoder blocks and which modules play
 which role. Differences between families are data here, never copies of functions.
 
-Roles (module names relative to one decoder block):
+Roles (names relative to one decoder block: a linear's module, or a fused expert tensor):
   attn_in   the projections that read the attention input (q, k, v or a fused qkv)
   attn_out  the attention output projection
-  mlp_in    the projections that read the MLP input (gate and up, or fc1)
-  mlp_out   the MLP output projection
-Every ``nn.Linear`` inside a block is prunable whether or not it has a role; roles only tell the
-NeuroAl row step which module feeds which.
+  mlp_in    the projections that read the MLP input (gate and up, or fc1; each expert's gate_up)
+  mlp_out   the MLP output projection (each expert's down)
+A role may list names that only some blocks hold (Qwen MoE models mix dense and expert blocks);
+where several MLP inputs are present, the first listed stands for the MLP's input. Every matrix
+of a block is prunable whether or not it has a role (``matrices.py``); roles only tell the NeuroAl
+row step which matrix feeds which.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
 
 from torch import nn
 
 from neuroal.errors import UserError
+from neuroal.models.matrices import Matrix, block_matrices
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Architecture:
     """Where a family's decoder blocks are and the role of each projection in a block."""
 
@@ -53,12 +56,26 @@ _LLAMA_LIKE = Architecture(
     mlp_out=("mlp.down_proj",),
 )
 
+# Mixture-of-experts blocks (transformers 5 fuses each layer's experts into 3-D tensors). Qwen2/3-MoE
+# also have dense-MLP blocks (``mlp_only_layers``, ``decoder_sparse_step``); Qwen2-MoE adds a
+# shared expert that reads every token, so it stands for the MLP's input.
+_MOE = dataclasses.replace(_LLAMA_LIKE, mlp_in=("mlp.experts.gate_up_proj",), mlp_out=("mlp.experts.down_proj",))
+_QWEN_MOE = dataclasses.replace(
+    _LLAMA_LIKE,
+    mlp_in=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.experts.gate_up_proj", *_LLAMA_LIKE.mlp_in),
+    mlp_out=("mlp.shared_expert.down_proj", "mlp.experts.down_proj", *_LLAMA_LIKE.mlp_out),
+)
+
 # Keyed by the Hugging Face class name of the causal-LM model.
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": _LLAMA_LIKE,
     "MistralForCausalLM": _LLAMA_LIKE,
     "Qwen2ForCausalLM": _LLAMA_LIKE,
     "Qwen3ForCausalLM": _LLAMA_LIKE,
+    "MixtralForCausalLM": _MOE,
+    "OlmoeForCausalLM": _MOE,
+    "Qwen2MoeForCausalLM": _QWEN_MOE,
+    "Qwen3MoeForCausalLM": _QWEN_MOE,
     "GemmaForCausalLM": _LLAMA_LIKE,
     "Gemma2ForCausalLM": _LLAMA_LIKE,
     "Gemma3ForCausalLM": _LLAMA_LIKE,
@@ -118,35 +135,33 @@ def decoder_blocks(model: nn.Module, arch: Architecture | None = None) -> nn.Mod
     return model.get_submodule(arch.blocks)
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside one decoder block, by name relative to the block, in module order."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-def linears_by_block(model: nn.Module, arch: Architecture | None = None) -> list[dict[str, nn.Linear]]:
-    """Per decoder block, its prunable modules by full name (``model.layers.3.mlp.up_proj``)."""
+def matrices_by_block(model: nn.Module, arch: Architecture | None = None) -> list[dict[str, Matrix]]:
+    """Per decoder block, its prunable matrices by full name (``model.layers.3.mlp.up_proj``,
+    ``model.layers.3.mlp.experts.down_proj.5``)."""
     arch = arch or architecture_of(model)
     return [
-        {f"{arch.blocks}.{index}.{name}": linear for name, linear in block_linears(block).items()}
+        {f"{arch.blocks}.{index}.{name}": matrix for name, matrix in block_matrices(block).items()}
         for index, block in enumerate(decoder_blocks(model, arch))
     ]
 
 
-def prunable_linears(model: nn.Module, arch: Architecture | None = None) -> dict[str, nn.Linear]:
-    """Every prunable module of the model by its full name, in block order."""
-    return {name: lin for block in linears_by_block(model, arch) for name, lin in block.items()}
+def prunable_matrices(model: nn.Module, arch: Architecture | None = None) -> dict[str, Matrix]:
+    """Every prunable matrix of the model by its full name, in block order."""
+    return {name: m for block in matrices_by_block(model, arch) for name, m in block.items()}
 
 
 def _generic_architecture(model: nn.Module) -> Architecture:
-    """Find the block list from ``_no_split_modules`` and guess roles from projection names."""
+    """Find the block list from ``_no_split_modules`` and guess roles from the last component of the
+    matrices' stems (``q_proj``, ``gate_up_proj``, ...)."""
     block_classes = set(getattr(model, "_no_split_modules", None) or ())
     for path, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in block_classes:
             roles: dict[str, list[str]] = {"attn_in": [], "attn_out": [], "mlp_in": [], "mlp_out": []}
-            for name in block_linears(module[0]):
-                role = _ROLE_BY_NAME.get(name.rsplit(".", 1)[-1])
+            # every block's stems: a model may start with dense blocks before its expert blocks (DeepSeek)
+            for stem in dict.fromkeys(m.stem for block in module for m in block_matrices(block).values()):
+                role = _ROLE_BY_NAME.get(stem.rsplit(".", 1)[-1])
                 if role:
-                    roles[role].append(name)
+                    roles[role].append(stem)
             return Architecture(blocks=path, **{k: tuple(v) for k, v in roles.items()})
     raise UserError(
         f"cannot find the decoder blocks of {type(model).__name__}: no module list of "

@@ -52,6 +52,29 @@ def spread_sparsities(values: Sequence[float], sparsity: float, half_width: floa
     return clamped
 
 
+def at_target_by_weight(block_sparsities: Sequence[float], block_sizes: Sequence[int], sparsity: float) -> list[float]:
+    """Shift block sparsities by one constant so that their mean weighted by each block's weight
+    count is the target. The allocators' formulas keep the plain mean at the target, which is the
+    same when blocks are equal; blocks of unequal size (a dense block among mixture-of-experts
+    blocks, DeepSeek's dense first layers) would otherwise miss it. Then clamped as
+    ``spread_sparsities`` clamps."""
+    sizes = torch.tensor([float(n) for n in block_sizes], dtype=torch.float64)
+    values = torch.tensor([float(s) for s in block_sparsities], dtype=torch.float64)
+    shifted = values + (sparsity - float((values * sizes).sum() / sizes.sum()))
+    if torch.allclose(shifted, values, rtol=0, atol=1e-12):
+        return [float(s) for s in block_sparsities]  # equal blocks: exactly the formula's values
+    return shifted.clamp(MIN_SPARSITY, MAX_SPARSITY).tolist()
+
+
+def block_targets(block_sparsities: Sequence[float], names_by_block: list[list[str]], sizes: dict[str, int],
+                  sparsity: float) -> tuple[list[float], dict[str, float]]:
+    """``at_target_by_weight`` on the blocks (``sizes``: weights per matrix name), then every matrix
+    of a block at its block's sparsity; returns the block sparsities applied and the targets."""
+    weights = [sum(sizes[n] for n in names) for names in names_by_block]
+    applied = at_target_by_weight(block_sparsities, weights, sparsity)
+    return applied, expand_to_modules(applied, names_by_block)
+
+
 def expand_to_modules(
     block_sparsities: list[float], module_names_by_block: list[list[str]]
 ) -> dict[str, float]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from neuroal.models import architecture_of, block_linears, decoder_blocks
+from neuroal.models import Matrix, architecture_of, block_matrices, decoder_blocks
 from neuroal.progress import progress
 from neuroal.pruning.methods.wanda import wanda_score
 from neuroal.pruning.statistics import NORMS, InputStats
@@ -22,7 +22,7 @@ class BlockStep:
     index: int
     prefix: str  # full name of the block, e.g. "model.layers.3"
     block: nn.Module
-    linears: dict[str, nn.Linear]  # by name relative to the block
+    matrices: dict[str, Matrix]  # by name relative to the block
     stats: dict[str, InputStats]  # empty when no statistics were asked for
 
 
@@ -49,20 +49,20 @@ def layer_sequential(
         inputs = capture_block_inputs(model, blocks, calibration_ids, device, batch_size)
     for index, block in enumerate(progress(blocks, desc=desc)):
         with onloaded(block, device):
-            linears = block_linears(block)
+            matrices = block_matrices(block)
             stats: dict[str, InputStats] = {}
             if inputs is not None:
-                stats = {name: InputStats(kinds) for name in linears}
-                observe_inputs(block, linears, inputs, lambda name, x: stats[name].add(x), outputs=False)
-            yield BlockStep(index, f"{arch.blocks}.{index}", block, linears, stats)
+                stats = {name: InputStats(kinds) for name in matrices}
+                observe_inputs(block, matrices, inputs, lambda name, x: stats[name].add(x), outputs=False)
+            yield BlockStep(index, f"{arch.blocks}.{index}", block, matrices, stats)
             if inputs is not None and index + 1 < len(blocks):
                 inputs = run_block(block, inputs)
 
 
 def dense_wanda_scores(model: nn.Module, calibration_ids: torch.Tensor, device: torch.device, batch_size: int,
                        desc: str) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
-    """Per block of the dense model: its modules' full names and their Wanda scores ``|W| * a``,
-    what OWL and DLP reduce to one number per block."""
+    """Per block of the dense model: its matrices' full names and their Wanda scores ``|W| * a``,
+    what OWL and DLP reduce to one number per block (an expert no token reached scores 0)."""
     for step in layer_sequential(model, calibration_ids, device, batch_size, frozenset((NORMS,)), desc):
-        names = [f"{step.prefix}.{n}" for n in step.linears]
-        yield names, [wanda_score(lin.weight, step.stats[n].norms()) for n, lin in step.linears.items()]
+        names = [f"{step.prefix}.{n}" for n in step.matrices]
+        yield names, [wanda_score(m.weight, step.stats[n].norms()) for n, m in step.matrices.items()]

@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from neuroal.models import Matrix
 from neuroal.pruning.statistics import InputStats
 
 Target = Union[float, torch.Tensor]  # one sparsity for the module, or one per output row
@@ -53,7 +54,7 @@ class AllocationInputs:
 
     Attributes:
         model: The dense model (an allocator leaves its weights as they were).
-        linears: Its prunable modules by full name, in block order.
+        matrices: Its prunable matrices by full name, in block order.
         sparsity: The target over all of them.
         method: The base method the allocation is for (NeuroAl prunes with it while searching).
         device: Where blocks are computed.
@@ -65,7 +66,7 @@ class AllocationInputs:
     """
 
     model: nn.Module
-    linears: dict[str, nn.Linear]
+    matrices: dict[str, Matrix]
     sparsity: float
     method: BaseMethod
     device: torch.device
@@ -74,6 +75,10 @@ class AllocationInputs:
     search_ids: torch.Tensor | None = None
     cache_dir: Path | None = None
     model_digest: str | None = None
+
+    def matrix_sizes(self) -> dict[str, int]:
+        """Weights per matrix, by full name (block sparsities are balanced by weight count)."""
+        return {name: m.weight.numel() for name, m in self.matrices.items()}
 
 
 @dataclass

@@ -12,8 +12,9 @@ from torch import nn
 
 from pydantic import BaseModel
 
-from neuroal.models import architecture_of, prunable_linears
+from neuroal.models import Matrix, architecture_of, matrices_by_block
 from neuroal.pruning.layer_sequential import layer_sequential
+from neuroal.pruning.methods.magnitude import METHOD as MAGNITUDE
 from neuroal.pruning.plugin import Allocator, BaseMethod, Structure, Target
 from neuroal.pruning.statistics import InputStats
 
@@ -31,34 +32,51 @@ def prune_model(
     structure: Structure = None,
     allocator: Allocator | None = None,
     options: BaseModel | None = None,
-) -> None:
+) -> list[str]:
     """Prune ``model`` in place, block by block, with the reference's layer-sequential procedure.
 
-    ``targets``: a sparsity (or per-row sparsities) per module full name. An allocator's
+    ``targets``: a sparsity (or per-row sparsities) per matrix full name. An allocator's
     refinement (DSnoT, with its ``options``) moves mask entries after the base method; weights it
     regrows come back with their original values, so it composes with SparseGPT's updated weights.
+    Returns the full names of the experts that no calibration token reached (pruned by magnitude).
     """
     kinds = method.statistics | (allocator.statistics if allocator else frozenset())
-    refined = _refined_modules(model, allocator)
+    refined = _refined_stems(model, allocator)
+    unreached = []
     for step in layer_sequential(model, calibration_ids, device, batch_size, kinds, desc=f"prune {method.name}"):
-        for name, linear in step.linears.items():
-            refine = partial(allocator.refine, options=options or allocator.Options()) if name in refined else None
-            prune_linear(linear, method, step.stats.get(name), targets[f"{step.prefix}.{name}"], structure, refine)
+        for name, matrix in step.matrices.items():
+            refine = partial(allocator.refine, options=options or allocator.Options()) if matrix.stem in refined else None
+            if not prune_matrix(matrix, method, step.stats.get(name), targets[f"{step.prefix}.{name}"], structure, refine):
+                unreached.append(f"{step.prefix}.{name}")
+    return unreached
 
 
 @torch.no_grad()
-def prune_linear(linear: nn.Linear, method: BaseMethod, stats: InputStats | None, target: Target,
-                 structure: Structure = None, refine: Callable | None = None) -> None:
-    """Prune one module in place: the method's mask (and, for SparseGPT, its updated weights), then
-    ``refine(weight, mask, stats, structure) -> mask`` if given; regrown weights keep their dense value."""
-    original = linear.weight
+def prune_matrix(matrix: Matrix, method: BaseMethod, stats: InputStats | None, target: Target,
+                 structure: Structure = None, refine: Callable | None = None) -> bool:
+    """Prune one matrix in place: the method's mask (and, for SparseGPT, its updated weights), then
+    ``refine(weight, mask, stats, structure) -> mask`` if given; regrown weights keep their dense value.
+
+    Returns False when the matrix's statistics hold no token (an expert the router never chose):
+    it is pruned by magnitude instead, the one method that needs no data.
+    """
+    method, stats, reached = method_for(method, stats)
+    original = matrix.weight
     weight, mask = method.prune(original, stats, target, structure)
-    if refine is not None:
+    if refine is not None and reached:
         base_mask, mask = mask, refine(original, mask, stats, structure)
         weight = torch.where(base_mask & ~mask, original, weight)
     if weight is not original:
-        linear.weight.copy_(weight)
-    linear.weight.masked_fill_(mask, 0)
+        original.copy_(weight)
+    original.masked_fill_(mask, 0)
+    return reached
+
+
+def method_for(method: BaseMethod, stats: InputStats | None) -> tuple[BaseMethod, InputStats | None, bool]:
+    """``(method, stats, True)``, or magnitude and no statistics when they saw no token."""
+    if stats is None or stats.ntokens:
+        return method, stats, True
+    return MAGNITUDE, None, False
 
 
 def needs_calibration(method: BaseMethod, allocator: Allocator) -> bool:
@@ -66,8 +84,8 @@ def needs_calibration(method: BaseMethod, allocator: Allocator) -> bool:
     return bool(method.statistics or allocator.statistics or allocator.reads_data)
 
 
-def _refined_modules(model: nn.Module, allocator: Allocator | None) -> set[str]:
-    """Block-relative names of the modules an allocator refines, from the architecture's roles."""
+def _refined_stems(model: nn.Module, allocator: Allocator | None) -> set[str]:
+    """Block-relative stems of the matrices an allocator refines, from the architecture's roles."""
     if allocator is None or allocator.refine is None:
         return set()
     roles = architecture_of(model).roles()
@@ -75,11 +93,15 @@ def _refined_modules(model: nn.Module, allocator: Allocator | None) -> set[str]:
 
 
 def sparsity_report(model: nn.Module) -> dict:
-    """Achieved sparsity over all prunable weights, and per module, counted from the weights."""
-    zeros = total = 0
-    modules = {}
-    for name, linear in prunable_linears(model).items():
-        z, n = int((linear.weight == 0).sum()), linear.weight.numel()
-        modules[name] = z / n
-        zeros, total = zeros + z, total + n
-    return {"achieved": zeros / total, "modules": modules}
+    """Achieved sparsity over all prunable weights, per block and per matrix (each expert's
+    included), counted from the weights."""
+    modules, blocks = {}, []
+    for block in matrices_by_block(model):
+        block_zeros = block_total = 0
+        for name, matrix in block.items():
+            z, n = int((matrix.weight == 0).sum()), matrix.weight.numel()
+            modules[name] = z / n
+            block_zeros, block_total = block_zeros + z, block_total + n
+        blocks.append((block_zeros, block_total))
+    zeros, total = sum(z for z, _ in blocks), sum(n for _, n in blocks)
+    return {"achieved": zeros / total, "blocks": [z / n for z, n in blocks], "modules": modules}

@@ -13,6 +13,7 @@ import torch
 
 from neuroal.digests import tensors_digest
 from neuroal.files import read_tensors, write_tensors_atomic
+from neuroal.routed import Routed
 
 logger = logging.getLogger(__name__)
 
@@ -21,11 +22,14 @@ NORMS, HESSIAN, MOMENTS = "norms", "hessian", "moments"
 
 @dataclass
 class InputStats:
-    """Statistics of one module's inputs X (``[tokens, in]`` per sample), accumulated per batch.
+    """Statistics of one matrix's inputs X (``[tokens, in]`` per sample), accumulated per batch.
+    An expert's inputs are the tokens routed to it; it still averages over every sample of the
+    batch, so that its statistics and a dense module's are on one scale.
 
     Attributes:
         kinds: which statistics to keep (``NORMS``, ``HESSIAN``, ``MOMENTS``).
         nsamples: calibration samples seen.
+        ntokens: tokens seen (an expert no token reached has none).
         sq_sum: per column, the sum over samples and tokens of ``x^2`` (for ``NORMS``).
         hessian: ``2/n * sum X^T X`` (SparseGPT's running average, for ``HESSIAN``).
         moments: DSnoT's per-column statistics (for ``MOMENTS``).
@@ -37,18 +41,23 @@ class InputStats:
     hessian: torch.Tensor | None = None
     hessian_count: int = 0
     moments: ColumnStats | None = None
+    ntokens: int = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """Fold in one batch of inputs, ``[batch, tokens, in]``."""
+    def add(self, x: torch.Tensor | Routed) -> None:
+        """Fold in one batch of inputs: ``[batch, tokens, in]``, or an expert's routed tokens."""
+        routed = x if isinstance(x, Routed) else None
+        x = routed.x if routed else x
+        samples = routed.samples if routed else (x.shape[0] if x.dim() == 3 else 1)
         flat = x.reshape(-1, x.shape[-1]).float()
-        self.nsamples += x.shape[0] if x.dim() == 3 else 1
+        self.nsamples += samples
+        self.ntokens += flat.shape[0]
         if NORMS in self.kinds:
             squares = (flat * flat).sum(dim=0)
             self.sq_sum = squares if self.sq_sum is None else self.sq_sum + squares
         if HESSIAN in self.kinds:
-            self.hessian, self.hessian_count = add_to_hessian(self.hessian, self.hessian_count, x)
+            self.hessian, self.hessian_count = add_to_hessian(self.hessian, self.hessian_count, x, samples)
         if MOMENTS in self.kinds:
-            self.moments = add_to_stats(self.moments, x)
+            self.moments = add_routed_to_stats(self.moments, routed) if routed else add_to_stats(self.moments, x)
 
     def norms(self) -> torch.Tensor:
         """Wanda's ``a``: per column ``sqrt(mean over samples of ||X_j||^2)``."""
@@ -59,7 +68,7 @@ class InputStats:
 
 
 def add_to_hessian(
-    hessian: torch.Tensor | None, count: int, x: torch.Tensor
+    hessian: torch.Tensor | None, count: int, x: torch.Tensor, samples: int | None = None
 ) -> tuple[torch.Tensor, int]:
     """Fold one batch of module inputs into the running Hessian ``H = (2 / n) sum_samples X^T X``.
 
@@ -73,13 +82,15 @@ def add_to_hessian(
         count: samples folded in so far (0 before the first batch).
         x: one batch of inputs, ``[batch, tokens, in]`` (``batch`` samples) or ``[tokens, in]``
             (one sample).
+        samples: the samples this batch counts as, when not its leading dimension (an expert's
+            routed tokens come from every sample of the batch).
 
     Returns:
         ``(hessian, count)`` after this batch.
     """
     if x.dim() == 2:
         x = x.unsqueeze(0)
-    batch, columns = x.shape[0], x.shape[-1]
+    batch, columns = samples or x.shape[0], x.shape[-1]
     if hessian is None:
         hessian = torch.zeros((columns, columns), dtype=torch.float32, device=x.device)
     if batch == 0:
@@ -181,6 +192,22 @@ def add_to_stats(stats: ColumnStats | None, x: torch.Tensor) -> ColumnStats:
     )
 
 
+def add_routed_to_stats(stats: ColumnStats | None, routed: Routed) -> ColumnStats:
+    """``add_to_stats`` for an expert's routed tokens: each sample's tokens are its own group (their
+    within-sample spread about their own mean), and every sample of the batch counts."""
+    x = routed.x.detach().float()
+    columns = x.shape[-1]
+    per_sample = torch.zeros((routed.samples, columns), dtype=x.dtype, device=x.device).index_add_(0, routed.sample, x)
+    counts = torch.bincount(routed.sample, minlength=routed.samples).to(x.dtype).unsqueeze(1)
+    col_sum, sq_sum = x.sum(dim=0), (x * x).sum(dim=0)
+    within_ss = sq_sum - (per_sample * per_sample / counts.clamp_min(1)).sum(dim=0)
+    part = ColumnStats(routed.samples, x.shape[0], col_sum, sq_sum, within_ss.clamp_min(0))
+    if stats is None:
+        return part
+    return ColumnStats(stats.nsamples + part.nsamples, stats.ntokens + part.ntokens, stats.col_sum + col_sum,
+                       stats.sq_sum + sq_sum, stats.within_ss + part.within_ss)
+
+
 def save_stats(path: Path, blocks: list[dict[str, InputStats]]) -> None:
     """Write per-block module statistics to a safetensors file (atomically, with a content digest).
 
@@ -190,7 +217,7 @@ def save_stats(path: Path, blocks: list[dict[str, InputStats]]) -> None:
     for index, stats in enumerate(blocks):
         for name, s in stats.items():
             key = f"{index}.{name}"
-            counts[key] = [s.nsamples, s.hessian_count]
+            counts[key] = [s.nsamples, s.hessian_count, s.ntokens]
             if s.sq_sum is not None:
                 tensors[f"{key}.sq_sum"] = s.sq_sum.detach().cpu().contiguous()
             if s.hessian is not None:
@@ -208,13 +235,13 @@ def load_stats(path: Path, kinds: frozenset[str], device: torch.device) -> list[
         logger.warning("ignoring corrupt statistics cache %s; recomputing", path)
         return None
     blocks: list[dict[str, InputStats]] = []
-    for key, (nsamples, hessian_count) in json.loads(metadata["counts"]).items():
+    for key, (nsamples, hessian_count, ntokens) in json.loads(metadata["counts"]).items():
         index, name = key.split(".", 1)
         if int(index) == len(blocks):
             blocks.append({})
         sq_sum, hessian = tensors.get(f"{key}.sq_sum"), tensors.get(f"{key}.hessian")
         blocks[-1][name] = InputStats(
             kinds, nsamples, sq_sum.to(device) if sq_sum is not None else None,
-            hessian.to(device) if hessian is not None else None, hessian_count,
+            hessian.to(device) if hessian is not None else None, hessian_count, ntokens=ntokens,
         )
     return blocks

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from neuroal.models import linears_by_block
+from neuroal.models import matrices_by_block
 from neuroal.pruning.allocation import expand_to_modules
 from neuroal.pruning.allocators.alpha.math import DEFAULT_EPS, alpha_sparsities, block_alpha
 from neuroal.pruning.plugin import Allocation, AllocationInputs, Allocator
@@ -19,9 +19,9 @@ class Options(BaseModel):
 
 def allocate(inputs: AllocationInputs, options: Options = Options()) -> Allocation:
     """One alpha per block from its weights' spectra, mapped to block sparsities."""
-    blocks = linears_by_block(inputs.model)
-    alphas = [block_alpha([lin.weight.to(inputs.device) for lin in b.values()]) for b in blocks]
-    params = [sum(lin.weight.numel() for lin in b.values()) for b in blocks]
+    blocks = matrices_by_block(inputs.model)
+    alphas = [block_alpha([m.weight.to(inputs.device) for m in b.values()]) for b in blocks]
+    params = [sum(m.weight.numel() for m in b.values()) for b in blocks]
     targets = expand_to_modules(alpha_sparsities(alphas, params, inputs.sparsity, options.eps), [list(b) for b in blocks])
     return Allocation(targets, {"block_alphas": alphas})
 

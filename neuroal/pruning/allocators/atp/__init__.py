@@ -21,12 +21,12 @@ from torch import nn
 
 from neuroal.errors import UserError
 from neuroal.evaluation.perplexity import next_token_loss, rows_within_logits_budget
-from neuroal.models import block_linears, decoder_blocks, linears_by_block
+from neuroal.models import Matrix, block_matrices, decoder_blocks, matrices_by_block
 from neuroal.progress import progress
-from neuroal.pruning.allocation import expand_to_modules
+from neuroal.pruning.allocation import at_target_by_weight, expand_to_modules
 from neuroal.pruning.allocators.atp.math import DEFAULT_STEP, atp_sparsities, best_beta, beta_grid, max_beta
 from neuroal.pruning.plugin import Allocation, AllocationInputs, Allocator, BaseMethod
-from neuroal.pruning.prune import prune_linear
+from neuroal.pruning.prune import prune_matrix
 from neuroal.pruning.statistics import InputStats
 from neuroal.replay import (
     BlockInputs,
@@ -52,17 +52,24 @@ class Options(BaseModel):
 
 def allocate(inputs: AllocationInputs, options: Options = Options()) -> Allocation:
     """Block sparsities of paper Eq. 10 with the searched (or given) common difference."""
-    blocks = linears_by_block(inputs.model)
+    blocks = matrices_by_block(inputs.model)
     if options.beta is None:
         beta, details = search_beta(inputs, options.step)
     else:
         beta, details = options.beta, {"searched": False}
     try:
-        sparsities = atp_sparsities(len(blocks), inputs.sparsity, beta)
+        sparsities = block_sparsities(inputs, beta)
     except ValueError as exc:  # only a given beta can be illegal: the grid holds legal ones
         raise UserError(f"--atp-beta: {exc}") from None
     details = {"beta": beta, **details, "block_sparsities": sparsities}
     return Allocation(expand_to_modules(sparsities, [list(b) for b in blocks]), details)
+
+
+def block_sparsities(inputs: AllocationInputs, beta: float) -> list[float]:
+    """Paper Eq. 10 for ``beta``, balanced by the blocks' weight counts (``at_target_by_weight``)."""
+    blocks = matrices_by_block(inputs.model)
+    sizes = [sum(m.weight.numel() for m in b.values()) for b in blocks]
+    return at_target_by_weight(atp_sparsities(len(blocks), inputs.sparsity, beta), sizes, inputs.sparsity)
 
 
 def search_beta(inputs: AllocationInputs, step: float = DEFAULT_STEP) -> tuple[float, dict]:
@@ -114,7 +121,7 @@ def calibration_losses(inputs: AllocationInputs, betas: list[float]) -> dict[flo
     dense_inputs = capture_block_inputs(model, blocks, ids, device, inputs.batch_size)
     losses = {}
     for beta in progress(betas, desc="atp"):
-        sparsities = atp_sparsities(len(blocks), inputs.sparsity, beta)
+        sparsities = block_sparsities(inputs, beta)
         final = pruned_outputs(blocks, dense_inputs, inputs.method, sparsities, device)
         losses[beta] = head_loss(model, blocks, final, ids, device, inputs.batch_size)
         logger.debug("ATP: beta %.4g, calibration perplexity %.6g", beta, _perplexity(losses[beta]))
@@ -138,26 +145,26 @@ def pruned_outputs(blocks: nn.ModuleList, inputs: BlockInputs, method: BaseMetho
     """
     for block, sparsity in zip(blocks, sparsities):
         with onloaded(block, device):
-            linears = block_linears(block)
-            dense = {name: lin.weight.detach().clone() for name, lin in linears.items()}
+            matrices = block_matrices(block)
+            dense = {name: m.weight.detach().clone() for name, m in matrices.items()}
             try:
-                _prune_block(block, linears, inputs, method, sparsity)
+                _prune_block(block, matrices, inputs, method, sparsity)
                 inputs = run_block(block, inputs)
             finally:
-                for name, lin in linears.items():
-                    lin.weight.copy_(dense[name])
+                for name, m in matrices.items():
+                    m.weight.copy_(dense[name])
     return inputs.hidden
 
 
-def _prune_block(block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs, method: BaseMethod,
+def _prune_block(block: nn.Module, matrices: dict[str, Matrix], inputs: BlockInputs, method: BaseMethod,
                  sparsity: float) -> None:
     """Prune one block in place with the statistics of its inputs, as ``prune_model`` does."""
     stats: dict[str, InputStats] = {}
     if method.statistics:
-        stats = {name: InputStats(method.statistics) for name in linears}
-        observe_inputs(block, linears, inputs, lambda name, x: stats[name].add(x), outputs=False)
-    for name, lin in linears.items():
-        prune_linear(lin, method, stats.get(name), sparsity)
+        stats = {name: InputStats(method.statistics) for name in matrices}
+        observe_inputs(block, matrices, inputs, lambda name, x: stats[name].add(x), outputs=False)
+    for name, m in matrices.items():
+        prune_matrix(m, method, stats.get(name), sparsity)
 
 
 @torch.no_grad()

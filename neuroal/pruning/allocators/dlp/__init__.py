@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from neuroal.pruning.allocation import expand_to_modules
+from neuroal.pruning.allocation import block_targets
 from neuroal.pruning.allocators.dlp.math import (
     DEFAULT_ALPHA,
     DEFAULT_STRATEGY,
@@ -38,11 +38,12 @@ def allocate(inputs: AllocationInputs, options: Options = Options()) -> Allocati
                                                   inputs.batch_size, "dlp"):
         unimportance.append(block_unimportance(scores, options.strategy))
         names.append(block_names)
-    sparsities = dlp_sparsities(unimportance, inputs.sparsity, options.alpha)
+    sparsities, targets = block_targets(dlp_sparsities(unimportance, inputs.sparsity, options.alpha), names,
+                                        inputs.matrix_sizes(), inputs.sparsity)
     logger.info("DLP block sparsities: %s", ", ".join(f"{s:.3f}" for s in sparsities))
     details = {"block_unimportance": unimportance, "block_importance": block_importance(unimportance),
                "block_sparsities": sparsities}
-    return Allocation(expand_to_modules(sparsities, names), details)
+    return Allocation(targets, details)
 
 
 ALLOCATOR = Allocator("dlp", "dynamic layerwise pruning, median Wanda score per block (Chen et al., ICML 2025)",

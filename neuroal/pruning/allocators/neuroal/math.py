@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from neuroal.models import Architecture
+from neuroal.models import Architecture, Matrix
 
 BLOCK_LAMBDAS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.12, 0.15, 0.20, 0.25)
 ROW_LAMBDAS = (0.0, *BLOCK_LAMBDAS)
@@ -42,52 +42,94 @@ def _spread(values: torch.Tensor, mean_density: float, lam: float) -> torch.Tens
 
 def alignment_distance(a_dense: torch.Tensor, a_sparse: torch.Tensor) -> float:
     """``|| a_dense/sum(a_dense) - a_sparse/sum(a_sparse) ||_2 / numel``: how far apart the two
-    activation-norm profiles are, whatever their scale."""
-    gap = a_dense.double() / a_dense.double().sum() - a_sparse.double() / a_sparse.double().sum()
+    activation-norm profiles are, whatever their scale. A profile of no activation (an expert no
+    token reached) is all zeros."""
+    gap = _profile(a_dense) - _profile(a_sparse)
     return float(torch.linalg.vector_norm(gap) / a_dense.numel())
 
 
+def _profile(norms: torch.Tensor) -> torch.Tensor:
+    total = norms.double().sum()
+    return norms.double() / total if total > 0 else torch.zeros_like(norms, dtype=torch.float64)
+
+
+def pooled_norms(norms: list[torch.Tensor]) -> torch.Tensor:
+    """The input norms of a fused expert tensor over all its experts, ``sqrt(sum_e a_e^2)``: every
+    routed token counted once per expert that reads it (the MLP input's norms times sqrt(top-k))."""
+    return torch.sqrt(sum(a.double() ** 2 for a in norms))
+
+
 def producer_vectors(arch: Architecture, deltas: list[dict[str, torch.Tensor]], index: int,
-                     rows: dict[str, int], config) -> dict[str, torch.Tensor]:
-    """Each producer module's per-row vector in block ``index``: the delta of the module that reads
-    its output rows, fitted to the producer's rows.
+                     matrices: dict[str, Matrix], config) -> dict[str, torch.Tensor]:
+    """Each producer matrix's per-row vector in block ``index``: the delta of the matrix that
+    reads its output rows, fitted to the producer's rows.
 
     Args:
         arch: The model's roles.
-        deltas: Per block, each module's ``a_dense - a_sparse`` (one entry per input column).
+        deltas: Per block, each matrix's ``a_dense - a_sparse`` (one entry per input column), and
+            per fused expert tensor (by its stem) that of all its experts pooled (``pooled_norms``).
         index: The block.
-        rows: Output rows of each module of the block, by block-relative name.
+        matrices: The block's matrices, by block-relative name.
         config: The model config (head counts for grouped-query attention).
 
     Returns:
-        ``{producer name: per-row vector}``. The MLP output takes the next block's attention-input
-        delta; the last block's MLP output, and modules without a role, have none.
+        ``{producer name: per-row vector}``. Attention inputs take the attention output's delta;
+        the attention output takes the MLP input's (the first of ``arch.mlp_in`` present: the
+        pooled expert inputs of a mixture of experts); an MLP input takes the delta of the MLP
+        output of its own unit (expert e's gate/up: expert e's down); an MLP output takes the next
+        block's attention-input delta. The last block's MLP outputs, and matrices without a role,
+        have none.
     """
     block = deltas[index]
-    consumer_of: dict[str, tuple[str, torch.Tensor]] = {}
-    for role, producers, consumer in (("attn_in", arch.attn_in, arch.attn_out), ("attn_out", arch.attn_out, arch.mlp_in),
-                                      ("mlp_in", arch.mlp_in, arch.mlp_out)):
-        if consumer and consumer[0] in block:
-            consumer_of.update({name: (role, block[consumer[0]]) for name in producers})
-    if index + 1 < len(deltas) and arch.attn_in:
-        consumer_of.update({name: ("mlp_out", deltas[index + 1][arch.attn_in[0]]) for name in arch.mlp_out})
-    return {name: fit_rows(vector, rows[name], config, arch.qkv_layout, role)
-            for name, (role, vector) in consumer_of.items()}
+    following = deltas[index + 1] if index + 1 < len(deltas) else {}
+    vectors = {}
+    for name, matrix in matrices.items():
+        role = next((r for r, stems in arch.roles().items() if matrix.stem in stems), None)
+        if role == "attn_in":
+            consumer = _first_present(arch.attn_out, block)
+        elif role == "attn_out":
+            consumer = _first_present(arch.mlp_in, block)
+        elif role == "mlp_in":
+            consumer = block.get(_unit_output(matrix, arch.mlp_out))
+        elif role == "mlp_out":
+            consumer = _first_present(arch.attn_in, following)
+        else:
+            consumer = None
+        if consumer is not None:
+            interleaved = matrix.expert is not None and not getattr(matrix.owner, "is_concatenated", True)
+            vectors[name] = fit_rows(consumer, matrix.weight.shape[0], config, arch.qkv_layout, role, interleaved)
+    return vectors
 
 
-def fit_rows(vector: torch.Tensor, rows: int, config, qkv_layout: str = "concat", role: str = "attn_in") -> torch.Tensor:
+def _first_present(names: tuple[str, ...], deltas: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    return next((deltas[n] for n in names if n in deltas), None)
+
+
+def _unit_output(matrix: Matrix, outputs: tuple[str, ...]) -> str | None:
+    """The MLP output matrix of ``matrix``'s unit: the output stem under the same parent module,
+    and for an expert slice the same expert."""
+    parent = matrix.stem.rpartition(".")[0]
+    stem = next((o for o in outputs if o.rpartition(".")[0] == parent), None)
+    if stem is None:
+        return None
+    return stem if matrix.expert is None else f"{stem}.{matrix.expert}"
+
+
+def fit_rows(vector: torch.Tensor, rows: int, config, qkv_layout: str = "concat", role: str = "attn_in",
+             interleaved: bool = False) -> torch.Tensor:
     """Shape a consumer's delta to a producer's rows.
 
     As is when the counts match. Attention inputs: folded over the query heads that share a k/v
     head (grouped-query attention), or ``[q; k; v]`` for a fused projection (``per_head``:
-    ``[q_h; k_h; v_h]`` per head, GPT-NeoX). MLP inputs: ``[gate; up]`` for a fused projection. The
+    ``[q_h; k_h; v_h]`` per head, GPT-NeoX). MLP inputs: ``[gate; up]`` for a fused projection
+    (``interleaved``: ``[gate_0, up_0, gate_1, ...]``, as GPT-OSS's experts keep it). The
     role settles what the counts alone cannot (a fused qkv under GQA can have twice the delta's
     rows, as a fused gate_up does).
     """
     if rows == vector.numel():
         return vector
     if role == "mlp_in" and rows == 2 * vector.numel():  # fused gate and up
-        return torch.cat([vector, vector])
+        return vector.repeat_interleave(2) if interleaved else torch.cat([vector, vector])
     if role == "attn_in":
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads

@@ -23,19 +23,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from neuroal.digests import json_digest, tensors_digest
-from neuroal.models import Architecture, architecture_of, block_linears, decoder_blocks
+from neuroal.models import Architecture, architecture_of, block_matrices, decoder_blocks
 from neuroal.progress import progress
 from neuroal.pruning.allocators.neuroal.math import (
     ROW_LAMBDAS,
     alignment_distance,
     block_lambdas,
     block_schedule,
+    pooled_norms,
     producer_vectors,
     row_sparsities,
 )
 from neuroal.pruning.allocators.neuroal.strategies import STRATEGIES
+from neuroal.pruning.allocation import at_target_by_weight
 from neuroal.pruning.masks import mask_from_ranks, prune_counts, row_ranks
 from neuroal.pruning.plugin import BaseMethod, Target
+from neuroal.pruning.prune import method_for
 from neuroal.pruning.statistics import NORMS, InputStats, load_stats, save_stats
 from neuroal.replay import BlockInputs, capture_block_inputs, observe_inputs, onloaded
 
@@ -112,19 +115,22 @@ def search_lambdas(
     search = _Search(model, method, search_ids, device, batch_size, options.mode, dense_cache)
     num_blocks = len(search.blocks)
 
+    def schedule(lam):  # balanced by the blocks' weight counts (experts count in their block's budget)
+        return at_target_by_weight(block_schedule(num_blocks, sparsity, lam), search.block_sizes, sparsity)
+
     def block_targets(lam):
-        return [{n: s for n in names} for s, names in zip(block_schedule(num_blocks, sparsity, lam), search.names)]
+        return [{n: s for n in names} for s, names in zip(schedule(lam), search.names)]
 
     block = search.choose(block_lambdas(sparsity), block_targets, strategy, "block")
     best_targets = block_targets(block.lam)
-    result = NeuroalSearch(block.lam, None, block.scores, {}, block_schedule(num_blocks, sparsity, block.lam),
+    result = NeuroalSearch(block.lam, None, block.scores, {}, schedule(block.lam),
                            search.allocation(best_targets), block_stopped=block.stopped)
     if options.step == "block" or method.score is None:  # no row step for SparseGPT (docs/algorithm.md)
         return result
 
-    shapes = [{n: tuple(lin.weight.shape) for n, lin in block_linears(b).items()} for b in search.blocks]
-    vectors = [producer_vectors(search.arch, block.deltas, i, {n: shape[0] for n, shape in shapes[i].items()},
-                                model.config) for i in range(num_blocks)]
+    matrices = [block_matrices(b) for b in search.blocks]
+    shapes = [{n: tuple(m.weight.shape) for n, m in block.items()} for block in matrices]
+    vectors = [producer_vectors(search.arch, block.deltas, i, matrices[i], model.config) for i in range(num_blocks)]
 
     def row_targets(lam):
         # The row step prunes every module with per-row masks (docs/algorithm.md); a missing, zero or
@@ -164,6 +170,7 @@ def dense_cache_file(folder: Path, model_digest: str, method: BaseMethod, search
         "kinds": sorted(_search_kinds(method)),
         "dtype": str(next(model.parameters()).dtype),
         "device": device.type,
+        "format": 2,  # token counts stored (expert fallbacks read them)
     })
     return Path(folder) / f"dense-{key[:32]}.safetensors"
 
@@ -199,7 +206,9 @@ class _Search:
         self.model, self.method, self.device, self.mode = model, method, device, mode
         self.arch: Architecture = architecture_of(model)
         self.blocks = decoder_blocks(model, self.arch)
-        self.names = [list(block_linears(b)) for b in self.blocks]
+        matrices = [block_matrices(b) for b in self.blocks]
+        self.names = [list(b) for b in matrices]
+        self.block_sizes = [sum(m.weight.numel() for m in b.values()) for b in matrices]
         self.kinds = _search_kinds(method)
         self.inputs = capture_block_inputs(model, self.blocks, search_ids, device, batch_size)
         self.reference_stats: dict[int, dict[str, InputStats]] = {}  # block 0 in reference mode
@@ -255,23 +264,26 @@ class _Search:
         total, deltas = 0.0, []
         for index, block in enumerate(self.blocks):
             with onloaded(block, self.device):
-                linears = block_linears(block)
-                dense = self._dense_block_stats(index, block, linears, inputs)
-                saved = {n: lin.weight.detach().clone() for n, lin in linears.items()}
-                for name, lin in linears.items():
-                    weight, mask = self._prune_weight(index, name, lin.weight, dense[name], targets[index][name])
-                    if weight is not lin.weight:  # SparseGPT also updates the weights it keeps
-                        lin.weight.copy_(weight)
-                    lin.weight.masked_fill_(mask, 0)
-                sparse = {n: InputStats(frozenset((NORMS,))) for n in linears}
-                inputs = observe_inputs(block, linears, inputs, lambda n, x: sparse[n].add(x))
-                for name, lin in linears.items():
-                    lin.weight.copy_(saved[name])
+                matrices = block_matrices(block)
+                dense = self._dense_block_stats(index, block, matrices, inputs)
+                saved = {n: m.weight.detach().clone() for n, m in matrices.items()}
+                for name, m in matrices.items():
+                    weight, mask = self._prune_weight(index, name, m.weight, dense[name], targets[index][name])
+                    if weight is not m.weight:  # SparseGPT also updates the weights it keeps
+                        m.weight.copy_(weight)
+                    m.weight.masked_fill_(mask, 0)
+                sparse = {n: InputStats(frozenset((NORMS,))) for n in matrices}
+                inputs = observe_inputs(block, matrices, inputs, lambda n, x: sparse[n].add(x))
+                for name, m in matrices.items():
+                    m.weight.copy_(saved[name])
             block_deltas = {}
-            for name in linears:
+            for name in matrices:
                 a_dense, a_sparse = dense[name].norms(), sparse[name].norms()
                 total += alignment_distance(a_dense, a_sparse)
                 block_deltas[name] = (a_dense - a_sparse).cpu()
+            for stem, names in _expert_slices(matrices).items():  # the MLP input of a mixture of experts
+                block_deltas[stem] = (pooled_norms([dense[n].norms() for n in names])
+                                      - pooled_norms([sparse[n].norms() for n in names])).cpu()
             deltas.append(block_deltas)
             if bound is not None and (total > bound[0] or (total == bound[0] and bound[1])):
                 return total, deltas, False
@@ -281,37 +293,47 @@ class _Search:
         """Block-relative targets -> the allocation by full module name."""
         return {f"{self.arch.blocks}.{i}.{n}": t for i, block in enumerate(targets) for n, t in block.items()}
 
-    def _dense_block_stats(self, index, block, linears, inputs) -> dict[str, InputStats]:
+    def _dense_block_stats(self, index, block, matrices, inputs) -> dict[str, InputStats]:
         """a_dense: the fully dense model's (dense mode) or this block's on the sparse inputs."""
         if self.mode == "dense":
             return self.dense_stats[index]
         if index == 0 and 0 in self.reference_stats:  # block 0 always sees the same inputs
             return self.reference_stats[0]
-        stats = {n: InputStats(self.kinds) for n in linears}
-        observe_inputs(block, linears, inputs, lambda n, x: stats[n].add(x), outputs=False)
+        stats = {n: InputStats(self.kinds) for n in matrices}
+        observe_inputs(block, matrices, inputs, lambda n, x: stats[n].add(x), outputs=False)
         if index == 0:
             self.reference_stats[0] = stats
         return stats
 
     def _prune_weight(self, index, name, weight, stats, target):
-        if self.mode == "dense" and self.method.score is not None:
+        method, stats, _ = method_for(self.method, stats)  # magnitude for an expert no token reached
+        if self.mode == "dense" and method.score is not None:
             key = (index, name)
             if key not in self.ranks:
-                self.ranks[key] = row_ranks(self.method.score(weight, stats))
+                self.ranks[key] = row_ranks(method.score(weight, stats))
             ranks = self.ranks[key]
             return weight, mask_from_ranks(ranks, prune_counts(ranks.shape, target, ranks.device))
-        return self.method.prune(weight, stats, target, None)
+        return method.prune(weight, stats, target, None)
 
     def _dense_pass(self) -> list[dict[str, InputStats]]:
         """Statistics of the fully dense model on the search set, block by block."""
         inputs, dense_stats = self.inputs, []
         for block in progress(self.blocks, desc="neuroal dense"):
             with onloaded(block, self.device):
-                linears = block_linears(block)
-                stats = {n: InputStats(self.kinds) for n in linears}
-                inputs = observe_inputs(block, linears, inputs, lambda n, x: stats[n].add(x))
+                matrices = block_matrices(block)
+                stats = {n: InputStats(self.kinds) for n in matrices}
+                inputs = observe_inputs(block, matrices, inputs, lambda n, x: stats[n].add(x))
             dense_stats.append(stats)
         return dense_stats
+
+
+def _expert_slices(matrices: dict) -> dict[str, list[str]]:
+    """The names of each fused expert tensor's slices, by the tensor's stem."""
+    grouped: dict[str, list[str]] = {}
+    for name, m in matrices.items():
+        if m.expert is not None:
+            grouped.setdefault(m.stem, []).append(name)
+    return grouped
 
 
 def _rank(lam, lambdas) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from neuroal.pruning.allocation import expand_to_modules
+from neuroal.pruning.allocation import block_targets
 from neuroal.pruning.allocators.owl.math import DEFAULT_LAMBDA, DEFAULT_M, outlier_ratio, owl_sparsities
 from neuroal.pruning.layer_sequential import dense_wanda_scores
 from neuroal.pruning.plugin import Allocation, AllocationInputs, Allocator
@@ -25,8 +25,9 @@ def allocate(inputs: AllocationInputs, options: Options = Options()) -> Allocati
                                                   inputs.batch_size, "owl"):
         ratios.append(outlier_ratio(scores, options.threshold_m))
         names.append(block_names)
-    targets = expand_to_modules(owl_sparsities(ratios, inputs.sparsity, options.lam), names)
-    return Allocation(targets, {"outlier_ratios": ratios})
+    applied, targets = block_targets(owl_sparsities(ratios, inputs.sparsity, options.lam), names,
+                                     inputs.matrix_sizes(), inputs.sparsity)
+    return Allocation(targets, {"outlier_ratios": ratios, "block_sparsities": applied})
 
 
 ALLOCATOR = Allocator("owl", "outlier-weighed layerwise sparsity (Yin et al., ICML 2024)", allocate, Options,

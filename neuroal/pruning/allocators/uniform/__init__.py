@@ -8,7 +8,7 @@ from neuroal.pruning.plugin import Allocation, AllocationInputs, Allocator, NoOp
 
 def allocate(inputs: AllocationInputs, _options: NoOptions = NoOptions()) -> Allocation:
     """Every prunable module at the target."""
-    return Allocation({name: inputs.sparsity for name in inputs.linears})
+    return Allocation({name: inputs.sparsity for name in inputs.matrices})
 
 
 ALLOCATOR = Allocator("uniform", "every module at the target sparsity", allocate, keeps_structure=True)
