@@ -43,18 +43,18 @@ def routed_inputs(experts: nn.Module, args: tuple, kwargs: dict, samples: int,
     hidden = hidden.detach().reshape(-1, hidden.shape[-1])
     chosen = chosen.reshape(hidden.shape[0], -1)
     tokens_per_sample = hidden.shape[0] // samples
-    by_expert: dict[int, dict[str, Matrix]] = {}
+    names: dict[int, dict[str, str]] = {}  # expert -> tensor -> slice name
     for name, matrix in matrices.items():
-        by_expert.setdefault(matrix.expert, {})[matrix.param] = (name, matrix)
+        names.setdefault(matrix.expert, {})[matrix.param] = name
     first = "gate_up_proj" if experts.has_gate else "up_proj"
-    for expert, pair in sorted(by_expert.items()):
+    for expert, pair in sorted(names.items()):
         tokens = (chosen == expert).any(dim=1).nonzero().squeeze(1)
         sample = tokens // tokens_per_sample
         x = hidden[tokens]
         if first in pair:
-            yield pair[first][0], Routed(x, sample, samples)
+            yield pair[first], Routed(x, sample, samples)
         if "down_proj" in pair:
             up = Matrix(experts, first, first, expert)
             projected = nn.functional.linear(x, up.weight, up.bias)
             gated = experts._apply_gate(projected) if experts.has_gate else experts.act_fn(projected)
-            yield pair["down_proj"][0], Routed(gated, sample, samples)
+            yield pair["down_proj"], Routed(gated, sample, samples)

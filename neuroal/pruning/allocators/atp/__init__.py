@@ -58,18 +58,21 @@ def allocate(inputs: AllocationInputs, options: Options = Options()) -> Allocati
     else:
         beta, details = options.beta, {"searched": False}
     try:
-        sparsities = block_sparsities(inputs, beta)
+        sparsities = block_sparsities(block_sizes(inputs), inputs.sparsity, beta)
     except ValueError as exc:  # only a given beta can be illegal: the grid holds legal ones
         raise UserError(f"--atp-beta: {exc}") from None
     details = {"beta": beta, **details, "block_sparsities": sparsities}
     return Allocation(expand_to_modules(sparsities, [list(b) for b in blocks]), details)
 
 
-def block_sparsities(inputs: AllocationInputs, beta: float) -> list[float]:
+def block_sizes(inputs: AllocationInputs) -> list[int]:
+    """Weights per decoder block, experts included."""
+    return [sum(m.weight.numel() for m in b.values()) for b in matrices_by_block(inputs.model)]
+
+
+def block_sparsities(sizes: list[int], sparsity: float, beta: float) -> list[float]:
     """Paper Eq. 10 for ``beta``, balanced by the blocks' weight counts (``at_target_by_weight``)."""
-    blocks = matrices_by_block(inputs.model)
-    sizes = [sum(m.weight.numel() for m in b.values()) for b in blocks]
-    return at_target_by_weight(atp_sparsities(len(blocks), inputs.sparsity, beta), sizes, inputs.sparsity)
+    return at_target_by_weight(atp_sparsities(len(sizes), sparsity, beta), sizes, sparsity)
 
 
 def search_beta(inputs: AllocationInputs, step: float = DEFAULT_STEP) -> tuple[float, dict]:
@@ -119,9 +122,9 @@ def calibration_losses(inputs: AllocationInputs, betas: list[float]) -> dict[flo
     model, ids, device = inputs.model, inputs.calibration_ids, inputs.device
     blocks = decoder_blocks(model)
     dense_inputs = capture_block_inputs(model, blocks, ids, device, inputs.batch_size)
-    losses = {}
+    losses, sizes = {}, block_sizes(inputs)
     for beta in progress(betas, desc="atp"):
-        sparsities = block_sparsities(inputs, beta)
+        sparsities = block_sparsities(sizes, inputs.sparsity, beta)
         final = pruned_outputs(blocks, dense_inputs, inputs.method, sparsities, device)
         losses[beta] = head_loss(model, blocks, final, ids, device, inputs.batch_size)
         logger.debug("ATP: beta %.4g, calibration perplexity %.6g", beta, _perplexity(losses[beta]))

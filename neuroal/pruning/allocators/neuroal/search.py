@@ -128,9 +128,9 @@ def search_lambdas(
     if options.step == "block" or method.score is None:  # no row step for SparseGPT (docs/algorithm.md)
         return result
 
-    matrices = [block_matrices(b) for b in search.blocks]
-    shapes = [{n: tuple(m.weight.shape) for n, m in block.items()} for block in matrices]
-    vectors = [producer_vectors(search.arch, block.deltas, i, matrices[i], model.config) for i in range(num_blocks)]
+    shapes = [{n: tuple(m.weight.shape) for n, m in block.items()} for block in search.matrices]
+    vectors = [producer_vectors(search.arch, block.deltas, i, search.matrices[i], model.config)
+               for i in range(num_blocks)]
 
     def row_targets(lam):
         # The row step prunes every module with per-row masks (docs/algorithm.md); a missing, zero or
@@ -206,9 +206,9 @@ class _Search:
         self.model, self.method, self.device, self.mode = model, method, device, mode
         self.arch: Architecture = architecture_of(model)
         self.blocks = decoder_blocks(model, self.arch)
-        matrices = [block_matrices(b) for b in self.blocks]
-        self.names = [list(b) for b in matrices]
-        self.block_sizes = [sum(m.weight.numel() for m in b.values()) for b in matrices]
+        self.matrices = [block_matrices(b) for b in self.blocks]  # views: they follow a block's onloading
+        self.names = [list(b) for b in self.matrices]
+        self.block_sizes = [sum(m.weight.numel() for m in b.values()) for b in self.matrices]
         self.kinds = _search_kinds(method)
         self.inputs = capture_block_inputs(model, self.blocks, search_ids, device, batch_size)
         self.reference_stats: dict[int, dict[str, InputStats]] = {}  # block 0 in reference mode
