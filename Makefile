@@ -36,9 +36,11 @@ setup-zoo: setup
 
 # The campaign, then its report (report.md, report.html and plots under campaign.out/report,
 # also logged to the campaign's MLflow run); the last line printed is where report.html is.
+# PARAMS=params-full.yaml: the same grid at the full settings.
+PARAMS ?= params.yaml
 run: setup
-	$(BIN)/neuroal campaign --params params.yaml
-	$(BIN)/neuroal report --params params.yaml
+	$(BIN)/neuroal campaign --params $(PARAMS)
+	$(BIN)/neuroal report --params $(PARAMS)
 
 test: setup
 	$(BIN)/python -m pytest

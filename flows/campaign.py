@@ -17,21 +17,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 from prefect import flow
 from prefect.states import State
 
 from flows.prune_cell import cell_metrics, prune_cell
 from neuroal.config import CampaignConfig
 from neuroal.files import write_json_atomic
-from neuroal.models import resolve_model
+from neuroal.environment import device_kind, library_versions
+from neuroal.models import resolve_device, resolve_model
 from neuroal.report import comparison_table
 from tasks import cells
-from tasks.tracking import TrackingUnavailable, finish_campaign, flatten, log_cell, start_campaign
+from tasks.tracking import ENVIRONMENT_TAG, TrackingUnavailable, finish_campaign, flatten, log_cell, start_campaign
 from tasks.versioning import ensure_dvc_repo, git_revision
 
 logger = logging.getLogger(__name__)
 
 RESULTS = "results.json"
+_SUBMIT_ATTEMPTS, _SUBMIT_BACKOFF_SECONDS = 3, 10  # Prefect's client already retried each call
 
 
 class CampaignFailed(RuntimeError):
@@ -42,17 +45,19 @@ class CampaignFailed(RuntimeError):
 def campaign(config: CampaignConfig, root: str = ".") -> dict:
     """Run the grid; returns ``{"cells": [...], "baselines": [...], "failed": [...], "table": str}``."""
     settings, start = config.campaign, time.perf_counter()
+    refresh = cells.Refresh(stages=frozenset(settings.refresh), since=time.time())
     if settings.dvc:
         ensure_dvc_repo(Path(root))
     problems = []  # what fails the campaign once every cell has run
     try:
         parent = start_campaign(settings.experiment, config.model_dump(), settings.artifact_location,
-                                tags={"git_revision": git_revision(Path(root)) or ""})
+                                tags={"git_revision": git_revision(Path(root)) or "",
+                                      ENVIRONMENT_TAG: campaign_environment(config)})
     except TrackingUnavailable as exc:
         logger.error("%s; the cells run untracked", exc)
         parent, problems = None, [f"{exc} The checkpoints are kept: run the campaign again to log them"]
-    baselines = [_baseline(model, config, parent) for model in config.models()] if settings.baseline else []
-    states = _run_cells(config, parent, root)
+    baselines = [_baseline(model, config, parent, refresh) for model in config.models()] if settings.baseline else []
+    states = _run_cells(config, parent, root, refresh)
     done = [s.result() for s in states.values() if s.is_completed()]
     failed = {name: _reason(s) for name, s in states.items() if not s.is_completed()}
     corpus = config.eval.ppl[0] if config.eval.ppl else None
@@ -74,6 +79,14 @@ def campaign(config: CampaignConfig, root: str = ".") -> dict:
     return results
 
 
+def campaign_environment(config: CampaignConfig) -> dict:
+    """What the report's history compares between campaigns besides the git revision: the versions
+    of the libraries that compute the numbers, and the device kind of this machine (with a work
+    pool, each cell's manifest records its worker's)."""
+    device = resolve_device(str(config.prune.get("device", "auto")))
+    return {**library_versions(("torch", "transformers", "tokenizers", "lm_eval")), "device": device_kind(device)}
+
+
 def _reason(state: State) -> str:
     """Why a cell failed, on one line: its exception, else Prefect's state message."""
     try:
@@ -84,56 +97,55 @@ def _reason(state: State) -> str:
     return " ".join(str(text).split())
 
 
-def _run_cells(config: CampaignConfig, parent: str, root: str) -> dict[str, State]:
+def _run_cells(config: CampaignConfig, parent: str, root: str, refresh: cells.Refresh) -> dict[str, State]:
     """Final state of every cell, by name; a failing cell does not stop the others."""
     settings = config.campaign
     if settings.executor == "pool":
-        return _run_on_pool(config, parent)
+        return _run_on_pool(config, parent, refresh)
     return {
-        cells.cell_name(cell): prune_cell(cell, config.eval, settings, parent, root, return_state=True)
+        cells.cell_name(cell): prune_cell(cell, config.eval, settings, parent, root, refresh, return_state=True)
         for cell in config.cells()
     }
 
 
-def _run_on_pool(config: CampaignConfig, parent: str) -> dict[str, State]:
+def _run_on_pool(config: CampaignConfig, parent: str, refresh: cells.Refresh) -> dict[str, State]:
     """Submit every cell to the work pool behind ``settings.deployment`` and wait for all.
 
     Each submission waits in its own thread; the context copy keeps each cell's flow run a
-    child of this campaign's in the Prefect UI.
+    child of this campaign's in the Prefect UI. A server too busy to answer (503) is asked again;
+    a cell that still cannot be submitted fails alone, like a cell that fails on its worker.
     """
     from prefect.deployments import run_deployment
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.states import Failed
 
     def submit(cell):
-        # No root: a worker runs in its own checkout (the deployment's working directory).
-        run = run_deployment(config.campaign.deployment, timeout=None, parameters={
-            "cell": cell.model_dump(), "evaluation": config.eval.model_dump(),
-            "settings": config.campaign.model_dump(), "parent_run_id": parent})
-        return run.state
+        for attempt in range(_SUBMIT_ATTEMPTS):
+            try:  # no root: a worker runs in its own checkout (the deployment's working directory)
+                return run_deployment(config.campaign.deployment, timeout=None, parameters={
+                    "cell": cell.model_dump(), "evaluation": config.eval.model_dump(),
+                    "settings": config.campaign.model_dump(), "parent_run_id": parent,
+                    "refresh": refresh.model_dump(mode="json")}).state
+            except (PrefectHTTPStatusError, httpx.TransportError) as exc:
+                error = exc
+                time.sleep(_SUBMIT_BACKOFF_SECONDS * 2 ** attempt)
+        return Failed(message=f"could not be submitted to the work pool: {error}")
 
     with ThreadPoolExecutor(max_workers=len(config.cells())) as pool:
         futures = {cells.cell_name(c): pool.submit(contextvars.copy_context().run, submit, c) for c in config.cells()}
         return {name: future.result() for name, future in futures.items()}
 
 
-def _baseline(model: str, config: CampaignConfig, parent: str | None) -> dict:
+def _baseline(model: str, config: CampaignConfig, parent: str | None, refresh: cells.Refresh) -> dict:
     """The dense model evaluated like the cells, as its own MLflow run (when tracked)."""
     name, evaluation, out = f"{cells.model_slug(model)}-dense", config.eval, Path(config.campaign.out)
     source = resolve_model(model)
     metrics = cells.metrics(model, evaluation, out / "metrics" / f"{name}.json", name, source.digest,
                             trust_remote_code=bool(config.prune.get("trust_remote_code")),
-                            allow_pickle=bool(config.prune.get("allow_pickle")))
+                            allow_pickle=bool(config.prune.get("allow_pickle")), refresh=refresh)
     if parent:
         log_cell(parent, name, params=flatten({"prune": {"model": model}, "eval": evaluation.model_dump()}),
                  metrics=cell_metrics(metrics),
                  artifacts=[str(out / "metrics" / f"{name}.json")],
                  tags={"kind": "baseline", "model_digest": source.digest}, run_key=f"{name}:{metrics['key']}")
     return {"name": name, "model": model, "metrics": metrics}
-
-
-@flow(name="nightly-campaign", flow_run_name="nightly-{params}")
-def campaign_from_params(params: str = "params.yaml", overrides: dict | None = None) -> dict:
-    """The campaign of a ``params.yaml`` (with dotted-key ``overrides``): the entry point of the
-    scheduled deployment in ``prefect.yaml``, run in the deployment's working directory."""
-    from neuroal.config import load_campaign
-
-    return campaign(load_campaign(Path(params), **(overrides or {})), root=".")

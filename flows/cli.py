@@ -14,6 +14,7 @@ import yaml
 logger = logging.getLogger(__name__)
 
 STAGE = "campaign"  # the dvc.yaml stage that runs `neuroal campaign --params params.yaml`
+EXIT_REGRESSION = 3  # `neuroal report --fail-on-regression`: the gate tripped
 
 # flag -> (params.yaml key path, parser of the flag's text)
 _LIST = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
@@ -35,6 +36,7 @@ _OVERRIDES = {
     "executor": ("campaign.executor", str),
     "dvc_remote": ("campaign.dvc_remote", str),
     "artifact_location": ("campaign.artifact_location", str),
+    "refresh": ("campaign.refresh", _LIST),
 }
 
 
@@ -123,26 +125,84 @@ def check_campaign(config) -> None:
 
 def add_report_command(commands) -> None:
     """Add the ``report`` subcommand to the ``neuroal`` parser's subcommands."""
+    from neuroal.history import DEFAULT_HISTORY
+
     p = commands.add_parser("report", help="render the latest campaign's comparison tables and plots")
     p.add_argument("--params", type=Path, help="where the defaults of --experiment and --out come from "
                    "(default params.yaml when it exists)")
     p.add_argument("--experiment", help="MLflow experiment (default: campaign.experiment of the params)")
     p.add_argument("--out", type=Path, help="report folder (default: <campaign.out of the params>/report)")
+    p.add_argument("--history", type=_count, default=DEFAULT_HISTORY, metavar="N",
+                   help=f"campaigns in the history section, the latest included (default {DEFAULT_HISTORY}; 0: none)")
+    p.add_argument("--fail-on-regression", type=_percent, metavar="PCT",
+                   help=f"exit {EXIT_REGRESSION} when, against the previous campaign, a cell failed, a perplexity "
+                        "rose by more than PCT percent or a task accuracy fell by more than PCT points")
     p.set_defaults(handler=report)
 
 
 def report(args: argparse.Namespace) -> int:
-    """Write the report of the experiment's latest campaign and print where its HTML page is."""
-    from flows.report import write_report
+    """Write the report of the experiment's latest campaign, print where its HTML page is, and
+    gate on regressions when asked."""
+    from flows.report import read_report, report_regressions, write_report
     from tasks.tracking import TrackingUnavailable
 
     settings = _campaign_settings(args.params)
     try:
-        page = write_report(args.experiment or settings.experiment, args.out or Path(settings.out) / "report")
+        found = read_report(args.experiment or settings.experiment, args.history)
+        page = write_report(found, args.out or Path(settings.out) / "report")
     except TrackingUnavailable as exc:  # not bad input (exit 2), but one line all the same
         print(f"neuroal: {exc}", file=sys.stderr)
         return 1
     print(f"report: {page}")
+    if args.fail_on_regression is not None:
+        regressions = report_regressions(found, args.fail_on_regression)
+        if regressions:
+            print(regression_line(found, regressions), file=sys.stderr)
+            return EXIT_REGRESSION
+    return 0
+
+
+def regression_line(report: dict, regressions: list[str]) -> str:
+    """The gate's one line: every regressed cell and its numbers."""
+    return f"neuroal: {len(regressions)} regression(s) in campaign {report['campaign']['run_id']}: " + "; ".join(regressions)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of campaigns (0 or more)")
+    return int(text)
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage (0 or more)")
+    return value
+
+
+def add_pull_command(commands) -> None:
+    """Add the ``pull`` subcommand to the ``neuroal`` parser's subcommands."""
+    p = commands.add_parser("pull", help="restore a campaign cell's checkpoint, by its MLflow run id, from its DVC remote")
+    p.add_argument("--run", required=True, help="the cell's MLflow run id (MLFLOW_TRACKING_URI names the store)")
+    p.add_argument("--out", required=True, type=Path, help="the folder to restore it to (must not exist)")
+    p.add_argument("--remote", help="a path or s3://bucket/prefix (default: the remote the run was pushed to)")
+    p.set_defaults(handler=pull)
+
+
+def pull(args: argparse.Namespace) -> int:
+    """Pull and verify the checkpoint of one cell run; print where it is."""
+    from tasks.lineage import restore_checkpoint
+    from tasks.tracking import TrackingUnavailable
+
+    try:
+        folder = restore_checkpoint(args.run, args.out, args.remote)
+    except TrackingUnavailable as exc:
+        print(f"neuroal: {exc}", file=sys.stderr)
+        return 1
+    print(f"checkpoint: {folder} (verified)")
     return 0
 
 

@@ -14,7 +14,8 @@ from neuroal.config import CampaignSettings, EvalConfig, PruneConfig
 from neuroal.pipeline import Plan
 from tasks import cells
 from tasks.tracking import flatten, log_cell
-from tasks.versioning import dvc_push, dvc_track, git_revision
+from tasks.lineage import DVC_REMOTE_TAG
+from tasks.versioning import dvc_file, dvc_push, dvc_track, git_revision, remote_url
 
 
 def _run_name() -> str:
@@ -29,34 +30,38 @@ def _param(name: str):
 # persist_result: a campaign reads a cell's summary back from a work-pool worker's flow run.
 @flow(name="prune-cell", flow_run_name=_run_name, persist_result=True)
 def prune_cell(cell: PruneConfig, evaluation: EvalConfig, settings: CampaignSettings,
-               parent_run_id: str | None = None, root: str = ".") -> dict:
+               parent_run_id: str | None = None, root: str = ".", refresh: cells.Refresh = cells.NO_REFRESH) -> dict:
     """Prune, evaluate, version and track one cell; returns its summary (paths, metrics, hashes).
 
-    Every stage is skipped when its stored output still matches its inputs, so a rerun of a
-    finished cell does no pruning work.
+    Every stage is skipped when its stored output still matches its inputs (and code), so a rerun
+    of a finished cell does no pruning work; ``refresh`` names the stages recomputed all the same.
     """
     out, name = Path(settings.out), cells.cell_name(cell)
     cache = out / "cache"
     plan = Plan.of(cell)  # resolved once; every task gets it
-    calibration = cells.calibration_windows(plan, cache)
-    cells.dense_activations(plan, calibration, cache)
-    allocation = cells.allocation(plan, calibration, cache)
-    checkpoint = cells.checkpoint(plan, calibration, allocation, out / "checkpoints" / name)
+    calibration = cells.calibration_windows(plan, cache, refresh)
+    cells.dense_activations(plan, calibration, cache, refresh)
+    allocation = cells.allocation(plan, calibration, cache, refresh)
+    checkpoint = cells.checkpoint(plan, calibration, allocation, out / "checkpoints" / name, refresh)
     metrics = cells.metrics(checkpoint.path, evaluation, out / "metrics" / f"{name}.json", name, checkpoint.digest,
-                            trust_remote_code=cell.trust_remote_code)
+                            trust_remote_code=cell.trust_remote_code, refresh=refresh)
     summary = {"name": name, "model": cell.model, "method": cell.method, "top_up": cell.top_up,
                "sparsity": cell.sparsity, "checkpoint": checkpoint.path, "metrics": metrics,
                "dvc_hash": dvc_track(Path(checkpoint.path), Path(root)) if settings.dvc else None}
-    if settings.dvc and settings.dvc_remote:  # from the machine that holds the checkpoint
+    pushed = settings.dvc and settings.dvc_remote
+    if pushed:  # from the machine that holds the checkpoint
         dvc_push([Path(checkpoint.path)], Path(root), settings.dvc_remote)
     if parent_run_id:
+        # The .dvc file and the remote let `neuroal pull --run` restore the checkpoint anywhere.
+        artifacts = [Path(checkpoint.path) / p for p in ("neuroal.json", "allocation.png")]
+        artifacts += [out / "metrics" / f"{name}.json"] + ([dvc_file(Path(checkpoint.path))] if settings.dvc else [])
         summary["mlflow_run_id"] = log_cell(
             parent_run_id, name,
             params=flatten({"prune": cell.model_dump(), "eval": evaluation.model_dump()}),
             metrics=cell_metrics(metrics),
-            artifacts=[str(Path(checkpoint.path) / p) for p in ("neuroal.json", "allocation.png")]
-            + [str(out / "metrics" / f"{name}.json")],
+            artifacts=[str(a) for a in artifacts],
             tags={"git_revision": git_revision(Path(root)) or "", "dvc_hash": summary["dvc_hash"] or "",
+                  DVC_REMOTE_TAG: remote_url(settings.dvc_remote) if pushed else "",
                   "checkpoint": checkpoint.path, "kind": "cell"},
             run_key=f"{name}:{checkpoint.digest}:{metrics['key']}",
         )

@@ -1,13 +1,16 @@
 """The campaign report: the latest campaign of an MLflow experiment read back from its runs and
-rendered (by ``neuroal.report`` and ``neuroal.plots``) as ``report.md``, a self-contained
-``report.html`` and PNG plots in one folder, also logged to the campaign's parent run under
-``report/``.
+rendered (by ``neuroal.report``, ``neuroal.history`` and ``neuroal.plots``) as ``report.md``, a
+self-contained ``report.html`` and PNG plots in one folder, also logged to the campaign's parent
+run under ``report/``.
 
 The grid is the latest campaign's (its parent run's ``prune.*`` params). Each cell is the latest
 finished run of the same configuration (grid point, shared ``prune.*`` and ``eval.*`` params)
 under any campaign of the experiment, so a rerun that served cells from its caches and one that
 retried only the failed cells both report every cell. A cell with no such run reads "failed"
 ("running" while the campaign run is still open).
+
+The history is each of the last campaigns as it logged its own runs: there a cell with no finished
+run of that campaign failed, and the regression gate compares the latest two.
 """
 
 from __future__ import annotations
@@ -20,26 +23,54 @@ from neuroal.checkpoint import MANIFEST, Manifest
 from neuroal.config import GRID_AXES, CampaignConfig
 from neuroal.errors import UserError
 from neuroal.files import staged_folder
-from neuroal.plots import plot_block_sparsity_profiles, plot_neuroal_candidates, plot_perplexity_vs_sparsity
+from neuroal.history import DEFAULT_HISTORY, regressions
+from neuroal.plots import (
+    plot_block_sparsity_profiles,
+    plot_history,
+    plot_neuroal_candidates,
+    plot_perplexity_vs_sparsity,
+)
 from neuroal.report import markdown_to_html, render_markdown
 from tasks.cells import grid_cell_name, model_slug
-from tasks.tracking import CAMPAIGN_CONFIG, experiment_runs, log_folder, read_json_artifact, redact_url, tracking_uri
+from tasks.tracking import (
+    CAMPAIGN_CONFIG,
+    ENVIRONMENT_TAG,
+    experiment_runs,
+    log_folder,
+    read_json_artifact,
+    redact_url,
+    tracking_uri,
+)
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 ARTIFACT_PATH = "report"  # where the report goes in the parent run's artifacts
 
 
-def write_report(experiment: str, out: Path) -> Path:
-    """Read the latest campaign of ``experiment``, write the report folder ``out`` (replacing an
-    older report atomically), log it to the campaign's parent run; returns the HTML file's path.
+def read_report(experiment: str, history: int = DEFAULT_HISTORY) -> dict:
+    """The report of ``experiment``'s latest campaign, with the ``history`` of its last campaigns
+    (the latest included) as :mod:`neuroal.history` reads them."""
+    runs = experiment_runs(experiment)
+    parents = sorted((r for r in runs if r["parent_run_id"] is None and _is_campaign(r)), key=lambda r: r["start_time"])
+    if not parents:
+        raise UserError(f"MLflow experiment {experiment!r} has no campaign run (run `neuroal campaign` first)")
+    report = _latest_campaign(experiment, parents[-1], _campaign_config(parents[-1]), runs)
+    earlier = [(p, config) for p in parents[-history:-1] if (config := _campaign_config(p, required=False))]
+    report["history"] = [_campaign_history(p, config, runs) for p, config in earlier] if history else []
+    if history:
+        report["history"].append(_campaign_history(parents[-1], _campaign_config(parents[-1]), runs))
+    return report
+
+
+def write_report(report: dict, out: Path) -> Path:
+    """Write the report folder ``out`` (replacing an older report atomically) and log it to the
+    campaign's parent run; returns the HTML file's path.
 
     Raises:
-        UserError: Unknown experiment, no campaign run in it, or ``out`` cannot be written.
+        UserError: ``out`` cannot be written.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"cannot write the report to {out}: it exists and is not a folder")
-    report = read_campaign(experiment)
     try:
         with staged_folder(out) as folder:
             _write_files(report, folder)
@@ -49,19 +80,17 @@ def write_report(experiment: str, out: Path) -> Path:
     return out / REPORT_HTML
 
 
-def read_campaign(experiment: str) -> dict:
-    """The latest campaign of ``experiment`` as the plain dict :func:`neuroal.report.render_markdown`
-    takes (without ``figures``)."""
-    runs = experiment_runs(experiment)
-    parents = [r for r in runs if r["parent_run_id"] is None and _is_campaign(r)]
-    if not parents:
-        raise UserError(f"MLflow experiment {experiment!r} has no campaign run (run `neuroal campaign` first)")
-    parent = max(parents, key=lambda r: r["start_time"])
+def report_regressions(report: dict, pct: float) -> list[str]:
+    """The latest campaign's regressions against the one before (``neuroal.history.regressions``)."""
+    history = report["history"]
+    return regressions(history[-2] if len(history) > 1 else None, history[-1], pct) if history else []
+
+
+def _latest_campaign(experiment: str, parent: dict, config: CampaignConfig, runs: list[dict]) -> dict:
+    """The latest campaign as the plain dict :func:`neuroal.report.render_markdown` takes (without
+    ``figures`` and ``history``)."""
     children = [r for r in runs if r["parent_run_id"] and r["status"] == "FINISHED"]
-    config = _campaign_config(parent)
-    params = parent["params"]
-    shared = {k: v for k, v in params.items()
-              if k.startswith("eval.") or (k.startswith("prune.") and k.removeprefix("prune.") not in GRID_AXES)}
+    shared = _shared_settings(parent)
     missing = "running" if parent["status"] == "RUNNING" else "failed"
     cells = [_cell(point, children, shared, missing) for point in _grid(config)]
     baselines = [_baseline(model, children, shared, missing) for model in config.models()] if config.campaign.baseline else []
@@ -74,9 +103,41 @@ def read_campaign(experiment: str) -> dict:
     }
 
 
-def _campaign_config(parent: dict) -> CampaignConfig:
-    """The campaign's configuration, as logged by ``start_campaign`` (``campaign.json``)."""
+def _campaign_history(parent: dict, config: CampaignConfig, runs: list[dict]) -> dict:
+    """One campaign as :mod:`neuroal.history` reads it: the runs it logged itself, by cell."""
+    mine = {}
+    for run in sorted((r for r in runs if r["parent_run_id"] == parent["run_id"] and r["status"] == "FINISHED"),
+                      key=lambda r: r["end_time"]):
+        mine[run["name"]] = run  # the latest of a name
+    missing = "running" if parent["status"] == "RUNNING" else "failed"
+    entries = [(f"{model_slug(m)}-dense", {"model": m, "method": None, "top_up": None, "sparsity": 0.0})
+               for m in config.models()] if config.campaign.baseline else []
+    entries += [(grid_cell_name(**point), point) for point in _grid(config)]
+    cells = []
+    for name, point in entries:
+        run = mine.get(name)
+        cells.append({**point, "name": name, "status": "finished" if run else missing,
+                      "metrics": _nested_metrics(run["metrics"]) if run else None,
+                      "settings": {k: v for k, v in run["params"].items() if k.startswith("eval.")} if run else None})
+    return {"run_id": parent["run_id"], "started": _utc(parent["start_time"]), "status": parent["status"],
+            "git_revision": parent["tags"].get("git_revision"),
+            "environment": {k.removeprefix(f"{ENVIRONMENT_TAG}."): v for k, v in parent["tags"].items()
+                            if k.startswith(f"{ENVIRONMENT_TAG}.")},
+            "cells": cells}
+
+
+def _shared_settings(parent: dict) -> dict:
+    """The campaign's params that every cell shares: ``eval.*`` and the ``prune.*`` off the grid axes."""
+    return {k: v for k, v in parent["params"].items()
+            if k.startswith("eval.") or (k.startswith("prune.") and k.removeprefix("prune.") not in GRID_AXES)}
+
+
+def _campaign_config(parent: dict, required: bool = True) -> CampaignConfig | None:
+    """The campaign's configuration, as logged by ``start_campaign`` (``campaign.json``); when not
+    ``required``, None for a campaign without one (an older neuroal's)."""
     logged = read_json_artifact(parent["run_id"], CAMPAIGN_CONFIG)
+    if logged is None and not required:
+        return None
     if logged is None:
         raise UserError(f"campaign run {parent['run_id']} has no readable {CAMPAIGN_CONFIG} (made by an older "
                         "neuroal?); run the campaign again")
@@ -162,8 +223,13 @@ def _write_files(report: dict, folder: Path) -> None:
 
 
 def _plot_figures(report: dict, folder: Path) -> list[dict]:
-    """Three figures per model x method (those with something to show), as PNGs in ``folder``."""
+    """Three figures per model x method (those with something to show), and a history figure per
+    model (``history: True``), as PNGs in ``folder``."""
     figures = []
+    for model in dict.fromkeys(c["model"] for c in report["cells"]):
+        file, title = f"{model_slug(model)}-history.png", f"{model}: the last campaigns"
+        if len(report.get("history", [])) > 1 and plot_history(report["history"], model, report["corpora"], folder / file, title):
+            figures.append({"model": model, "title": title, "file": file, "history": True})
     for model, method in dict.fromkeys((c["model"], c["method"]) for c in report["cells"]):
         cells = [c for c in report["cells"] if (c["model"], c["method"]) == (model, method)]
         baselines = [b for b in report["baselines"] if b["model"] == model]

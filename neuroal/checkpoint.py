@@ -60,7 +60,8 @@ class Manifest(_Record):
         allocation: What the allocator found (its own keys: OWL's ratios, NeuroAl's search, ...).
         calibration: The calibration windows (None when the cell read no data).
         seed, config: The seed and the whole cell config (``PruneConfig.model_dump``).
-        device, dtype, versions, results_version: Where and with what code it was computed.
+        device, device_kind, dtype, versions, results_version: Where (``cuda:0``, and the GPU model
+            or ``cpu``) and with what code it was computed.
         timings: Seconds per stage (load, calibration, allocate, prune).
         files: sha256 of each weight file, filled in by ``save_checkpoint``.
     """
@@ -81,6 +82,7 @@ class Manifest(_Record):
     seed: int
     config: dict
     device: str
+    device_kind: str = ""
     dtype: str
     versions: dict[str, str]
     results_version: int

@@ -80,6 +80,8 @@ def validated(cls: type[BaseModel], **values) -> BaseModel:
 
 # Campaign grid axes: in params.yaml each may be one value or a list; a cell takes one of each.
 GRID_AXES = ("model", "method", "top_up", "sparsity")
+# A campaign cell's cached stages, named as its tasks are (``campaign.refresh`` recomputes them).
+Stage = Literal["calibration", "dense-activations", "allocate", "prune", "evaluate"]
 
 
 class EvalConfig(BaseModel):
@@ -109,6 +111,7 @@ class CampaignSettings(BaseModel):
     dvc: bool = True  # track checkpoints with DVC
     dvc_remote: Optional[str] = None  # a path or s3://bucket/prefix to push checkpoints to
     artifact_location: Optional[str] = None  # artifact root of a new MLflow experiment (s3:// works)
+    refresh: list[Stage] = []  # stages recomputed on purpose, their cached outputs notwithstanding
 
 
 class CampaignConfig(BaseModel):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from neuroal.data import (
     resolve_bos_per_window,
     sample_calibration,
 )
+from neuroal.environment import device_kind, dtype_name, recorded_versions
 from neuroal.errors import UserError
 from neuroal.models import (
     ModelSource,
@@ -173,16 +173,18 @@ def allocate(plan: Plan, calibration: CalibrationSet | None, activation_cache: P
     return plan.allocate(model, calibration, activation_cache)
 
 
-def cache_dense_activations(plan: Plan, calibration: CalibrationSet, folder: Path) -> Path | None:
+def cache_dense_activations(plan: Plan, calibration: CalibrationSet, folder: Path,
+                            stale_before: float = 0.0) -> Path | None:
     """The dense-activation stage: the fully dense model's statistics on the search set, kept in
-    ``folder`` for every dense-mode NeuroAl search on this model and search set. None when the
-    cell does not search in dense mode."""
+    ``folder`` for every dense-mode NeuroAl search on this model and search set (recomputed when
+    written before ``stale_before``, a POSIX time). None when the cell does not search in dense mode."""
     if not (plan.allocator.searches and getattr(plan.options, "mode", None) == "dense"):
         return None
     model, _ = plan.load()
     search_ids = calibration.search_set(plan.config.search_nsamples)
     cache = dense_cache_file(folder, plan.source.digest, plan.method, search_ids, model, plan.device)
-    return cache_dense_statistics(model, plan.method, search_ids, plan.device, cache, plan.config.batch_size)
+    return cache_dense_statistics(model, plan.method, search_ids, plan.device, cache, plan.config.batch_size,
+                                  stale_before)
 
 
 def prune_in_memory(plan: Plan, *, calibration: CalibrationSet | None = None, allocation: Allocation | None = None,
@@ -231,8 +233,9 @@ def prune_in_memory(plan: Plan, *, calibration: CalibrationSet | None = None, al
         seed=config.seed,
         config=config.model_dump(),
         device=str(plan.device),
-        dtype=str(plan.dtype).removeprefix("torch."),
-        versions=_versions(),
+        device_kind=device_kind(plan.device),
+        dtype=dtype_name(plan.dtype),
+        versions=recorded_versions(),
         results_version=neuroal.RESULTS_VERSION,
         timings=timings,
     )
@@ -263,16 +266,3 @@ def _check_context(model_config, seqlen: int) -> None:
     context = context_length(model_config)
     if context is not None and seqlen > context:
         raise UserError(f"seqlen {seqlen} is longer than the model's context of {context} tokens; lower --seqlen")
-
-
-def _versions() -> dict:
-    import safetensors
-    import transformers
-
-    return {
-        "neuroal": neuroal.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-    }

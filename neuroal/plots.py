@@ -89,6 +89,64 @@ def plot_perplexity_vs_sparsity(cells: list[dict], baselines: list[dict], corpor
     return _save(fig, path, title)
 
 
+def plot_history(history: list[dict], model: str, corpora: list[str], path: Path, title: str) -> bool:
+    """``model``'s cells over the last campaigns: a panel per corpus (perplexity, log y) and one for
+    the mean zero-shot accuracy, against each campaign's start; a line per cell, coloured by top-up
+    and dashed by sparsity, the dense model in black, a red cross where a cell failed (at its last
+    value). Returns False (and writes nothing) when nothing finished."""
+    from neuroal.report import mean_accuracy
+
+    series: dict[str, dict] = {}  # cell name -> the cell, its metrics and failures by campaign index
+    for index, campaign in enumerate(history):
+        for cell in campaign["cells"]:
+            if cell["model"] == model:
+                entry = series.setdefault(cell["name"], {"cell": cell, "points": {}, "failed": []})
+                if cell.get("metrics"):
+                    entry["points"][index] = cell["metrics"]
+                elif cell["status"] == "failed":
+                    entry["failed"].append(index)
+    series = {name: s for name, s in series.items() if s["points"]}
+    if not series:
+        return False
+    panels = [(corpus, lambda m, corpus=corpus: (m.get("ppl") or {}).get(corpus)) for corpus in corpora]
+    if any(mean_accuracy(m) is not None for s in series.values() for m in s["points"].values()):
+        panels.append(("mean accuracy", mean_accuracy))
+    cells = [s["cell"] for s in series.values() if s["cell"].get("top_up")]
+    sparsities = sorted({c["sparsity"] for c in cells})
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for ax, (what, value) in zip(axes[0], panels):
+        for s in series.values():
+            points = [(i, value(m)) for i, m in sorted(s["points"].items()) if value(m) is not None]
+            if not points:
+                continue
+            cell = s["cell"]
+            dense = cell.get("top_up") is None
+            style = {"color": "black", "ls": "--"} if dense else {
+                "color": _colour(cell["top_up"], cells), "ls": _SPARSITY_STYLES[sparsities.index(cell["sparsity"]) % 4]}
+            ax.plot(*zip(*points), marker="o", label=_history_label(cell), **style)
+            for index in s["failed"]:
+                last = [y for i, y in points if i < index]
+                if last:
+                    ax.plot(index, last[-1], marker="x", color="#cf222e", markersize=10, mew=2, ls="none")
+        if what != "mean accuracy":
+            _log_axis(ax)
+        ax.set_xticks(range(len(history)), [f"{c['started'].removesuffix(' UTC')}\n{c['run_id'][:8]}" for c in history],
+                      rotation=30, ha="right", fontsize=7)
+        ax.set(xlabel="campaign (start, UTC, and run id)", title=what,
+               ylabel="mean zero-shot accuracy" if what == "mean accuracy" else f"perplexity on {what} (log)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return _save(fig, path, title)
+
+
+_SPARSITY_STYLES = ["-", ":", "-.", (0, (5, 2))]  # by the rank of a cell's sparsity
+
+
+def _history_label(cell: dict) -> str:
+    return "dense" if cell.get("top_up") is None else f"{cell['method']} {cell['top_up']} {cell['sparsity']:.0%}"
+
+
 def plot_block_sparsity_profiles(cells: list[dict], path: Path, title: str) -> bool:
     """Achieved sparsity of each decoder block, one panel per target sparsity, a line per top-up.
     Returns False (and writes nothing) when no cell has per-module sparsities."""

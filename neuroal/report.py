@@ -104,8 +104,9 @@ def render_markdown(report: dict) -> str:
         report: ``experiment``, ``tracking_uri``, ``campaign`` (``run_id``, ``status``, ``started``,
             ``git_revision``, ``settings``: flat key paths -> values), ``corpora``, ``tasks``,
             ``cells``, ``baselines`` (see the module docstring; cells also carry ``name``,
-            ``run_id`` and ``campaign_run_id``) and ``figures`` (``model``, ``title``, ``file``,
-            in order).
+            ``run_id`` and ``campaign_run_id``), ``figures`` (``model``, ``title``, ``file``,
+            ``history`` for those of the history section, in order) and optionally ``history``
+            (the last campaigns, see ``neuroal.history``).
     """
     campaign = report["campaign"]
     lines = [f"# Campaign report: {report['experiment']}", "",
@@ -115,6 +116,10 @@ def render_markdown(report: dict) -> str:
              "Settings: " + ", ".join(f"`{k}={v}`" for k, v in campaign["settings"].items()) + ".", ""]
     for model in dict.fromkeys(c["model"] for c in [*report["baselines"], *report["cells"]]):
         lines += _model_section(report, model)
+    if report.get("history"):
+        from neuroal.history import history_section
+
+        lines += history_section(report["history"], report["corpora"], [f for f in report["figures"] if f.get("history")])
     reused = [c for c in report["cells"] if c.get("run_id") and c.get("campaign_run_id") != campaign["run_id"]]
     if reused:
         lines += ["## Cells from earlier campaign runs", "",
@@ -141,7 +146,7 @@ def _model_section(report: dict, model: str) -> list[str]:
                               cell_text=quality_text(report["corpora"])), legend, "",
              comparison_table(cells, [], title="Achieved sparsity and time", cell_text=cost_text),
              _COST_LEGEND, ""]
-    figures = [f for f in report["figures"] if f["model"] == model]
+    figures = [f for f in report["figures"] if f["model"] == model and not f.get("history")]
     if figures:
         lines += ["### Plots", ""]
         for figure in figures:

@@ -17,14 +17,16 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict
 
 from neuroal import RESULTS_VERSION, pipeline
 from neuroal.checkpoint import MANIFEST, read_manifest
-from neuroal.config import EvalConfig, PruneConfig
+from neuroal.config import EvalConfig, PruneConfig, Stage
 from neuroal.data import corpus_digest, load_calibration, save_calibration
 from neuroal.digests import file_digest, json_digest
+from neuroal.environment import COMPUTE_LIBRARIES, TOKENIZING_LIBRARIES, compute_environment, library_versions
 from neuroal.errors import UserError
-from neuroal.evaluation.evaluate import EvalSpec, evaluate
+from neuroal.evaluation.evaluate import EvalSpec, evaluate, evaluation_environment
 from neuroal.files import write_json_atomic
 from neuroal.pipeline import Plan
 from neuroal.pruning import load_allocation, save_allocation
@@ -46,6 +48,28 @@ def _not_user_error(task, task_run, state) -> bool:
 # Compute tasks retry once (a transient fault such as a lost GPU or a full disk that was cleaned);
 # storage and network tasks (tasks/tracking.py, tasks/versioning.py) retry more, with backoff.
 COMPUTE = dict(retries=1, retry_delay_seconds=5, retry_condition_fn=_not_user_error, cache_policy=NO_CACHE)
+
+
+class Refresh(BaseModel):
+    """Stages a campaign recomputes on purpose (``campaign.refresh``): their outputs written before
+    the campaign started (``since``, POSIX time) are not reused. Outputs written since are, so the
+    cells that share a stage's output (calibration windows, dense activations) compute it once."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stages: frozenset[Stage] = frozenset()
+    since: float = 0.0
+
+    def stale_before(self, stage: Stage) -> float:
+        """The POSIX time before which ``stage``'s outputs are recomputed (0: any output is reused)."""
+        return self.since if stage in self.stages else 0.0
+
+    def reuses(self, stage: Stage, path: Path) -> bool:
+        """Whether the existing output ``path`` of ``stage`` may be reused."""
+        return Path(path).stat().st_mtime >= self.stale_before(stage)
+
+
+NO_REFRESH = Refresh()
 
 
 @dataclass(frozen=True)
@@ -73,15 +97,16 @@ def model_slug(spec: str) -> str:
 
 @task(name="calibration", task_run_name="calibration-{plan.config.calib}-{plan.config.nsamples}x{plan.config.seqlen}",
       **COMPUTE)
-def calibration_windows(plan: Plan, cache: Path) -> Ref | None:
+def calibration_windows(plan: Plan, cache: Path, refresh: Refresh = NO_REFRESH) -> Ref | None:
     """Draw (or reuse) the calibration windows of a cell; None when the cell reads no data."""
     if not plan.reads_data:
         return None
     c = plan.config
     spec = {"model": plan.source.digest, "corpus": c.calib, "corpus_digest": corpus_digest(c.calib),
-            "bos_per_window": c.bos_per_window, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed}
+            "bos_per_window": c.bos_per_window, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed,
+            "code": library_versions(TOKENIZING_LIBRARIES)}
     path = Path(cache) / "calibration" / f"{json_digest(spec)[:32]}.safetensors"
-    calibration = load_calibration(path)
+    calibration = load_calibration(path) if path.is_file() and refresh.reuses("calibration", path) else None
     if calibration is None:
         calibration = pipeline.calibrate(plan)
         save_calibration(calibration, path)
@@ -89,30 +114,32 @@ def calibration_windows(plan: Plan, cache: Path) -> Ref | None:
 
 
 @task(name="dense-activations", task_run_name="dense-activations-{plan.config.method}", **COMPUTE)
-def dense_activations(plan: Plan, calibration: Ref | None, cache: Path) -> Ref | None:
+def dense_activations(plan: Plan, calibration: Ref | None, cache: Path, refresh: Refresh = NO_REFRESH) -> Ref | None:
     """The dense model's statistics on the search set, shared by every dense-mode NeuroAl cell."""
     if calibration is None:
         return None
-    path = pipeline.cache_dense_activations(plan, _calibration(calibration), Path(cache) / "activations")
+    path = pipeline.cache_dense_activations(plan, _calibration(calibration), Path(cache) / "activations",
+                                            stale_before=refresh.stale_before("dense-activations"))
     return Ref(str(path), file_digest(path)) if path else None
 
 
 @task(name="allocate", task_run_name="allocate-{plan.config.top_up}-s{plan.config.sparsity}", **COMPUTE)
-def allocation(plan: Plan, calibration: Ref | None, cache: Path) -> Ref:
+def allocation(plan: Plan, calibration: Ref | None, cache: Path, refresh: Refresh = NO_REFRESH) -> Ref:
     """The allocator's targets (NeuroAl's search, OWL's ratios, ...), stored for the prune task."""
     key = json_digest({"config": plan.config.model_dump(), "model": plan.source.digest,
-                       "calibration": calibration.digest if calibration else None, "results": RESULTS_VERSION})
+                       "calibration": calibration.digest if calibration else None, "results": RESULTS_VERSION,
+                       "environment": compute_environment(plan.device, plan.dtype)})
     path = Path(cache) / "allocations" / f"{key[:32]}.safetensors"
-    if load_allocation(path) is None:
+    if not (path.is_file() and refresh.reuses("allocate", path) and load_allocation(path) is not None):
         save_allocation(path, pipeline.allocate(plan, _calibration(calibration), Path(cache) / "activations"))
     return Ref(str(path), key)
 
 
 @task(name="prune", task_run_name="prune-{plan.config.method}-{plan.config.top_up}-s{plan.config.sparsity}", **COMPUTE)
-def checkpoint(plan: Plan, calibration: Ref | None, allocation: Ref, out: Path) -> Ref:
+def checkpoint(plan: Plan, calibration: Ref | None, allocation: Ref, out: Path, refresh: Refresh = NO_REFRESH) -> Ref:
     """Prune with the stored allocation and write the checkpoint folder (kept if it matches)."""
     out = Path(out)
-    if _checkpoint_matches(out, plan, calibration):
+    if _checkpoint_matches(out, plan, calibration) and refresh.reuses("prune", out / MANIFEST):
         logger.info("checkpoint %s is up to date", out)
     else:
         stored = load_allocation(Path(allocation.path))
@@ -124,24 +151,25 @@ def checkpoint(plan: Plan, calibration: Ref | None, allocation: Ref, out: Path) 
 
 @task(name="evaluate", task_run_name="evaluate-{name}", **COMPUTE)
 def metrics(model: str, settings: EvalConfig, out: Path, name: str, model_digest: str,
-             trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
+             trust_remote_code: bool = False, allow_pickle: bool = False, refresh: Refresh = NO_REFRESH) -> dict:
     """Perplexity and zero-shot metrics of a model or checkpoint, stored as JSON beside it.
 
     ``model_digest`` names the weights evaluated (checkpoint files or source model): a metrics file
-    made from other weights or other settings is recomputed. ``trust_remote_code`` and
+    made from other weights, other settings or other code is recomputed. ``trust_remote_code`` and
     ``allow_pickle`` are the campaign's ``prune`` settings of the same names.
     """
     out = Path(out)
+    spec = EvalSpec.of_campaign(model, settings, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     key = json_digest({"weights": model_digest, "eval": settings.model_dump(),
-                       "corpora": {corpus: corpus_digest(corpus) for corpus in settings.ppl}})
-    if out.is_file():
+                       "corpora": {corpus: corpus_digest(corpus) for corpus in settings.ppl},
+                       "environment": evaluation_environment(spec)})
+    if out.is_file() and refresh.reuses("evaluate", out):
         try:
             stored = json.loads(out.read_text())
             if stored.get("key") == key:
                 return stored
         except (OSError, ValueError):
             pass  # unreadable: recompute
-    spec = EvalSpec.of_campaign(model, settings, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     measured = {"key": key, **evaluate(spec)}
     write_json_atomic(out, measured)
     return measured
@@ -158,7 +186,7 @@ def _calibration(ref: Ref | None):
 
 def _checkpoint_matches(out: Path, plan: Plan, calibration: Ref | None) -> bool:
     """Whether ``out`` is a complete checkpoint of this very cell (config, model, calibration,
-    and code that prunes the same way)."""
+    and code, device kind and dtype that prune the same way)."""
     if not (out / MANIFEST).is_file():
         return False
     try:
@@ -169,4 +197,11 @@ def _checkpoint_matches(out: Path, plan: Plan, calibration: Ref | None) -> bool:
     stored_calibration = manifest.calibration.digest if manifest.calibration else None
     return (manifest.config == plan.config.model_dump() and manifest.source.digest == plan.source.digest
             and stored_calibration == (calibration.digest if calibration else None)
-            and manifest.results_version == RESULTS_VERSION)
+            and manifest.results_version == RESULTS_VERSION
+            and _environment_of(manifest) == compute_environment(plan.device, plan.dtype))
+
+
+def _environment_of(manifest) -> dict:
+    """The ``compute_environment`` a checkpoint was pruned in, as its manifest records it."""
+    return {**{name: manifest.versions.get(name) for name in COMPUTE_LIBRARIES},
+            "device": manifest.device_kind, "dtype": manifest.dtype}

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 RUN_KEY_TAG = "run_key"
 CAMPAIGN_CONFIG = "campaign.json"  # the parent run's artifact: the campaign's configuration
+ENVIRONMENT_TAG = "environment"  # the parent run's tags environment.<library>, environment.device
 # Key paths that look like credentials are never logged (as params or tags).
 _SECRET = re.compile(r"secret|passw|credential|key_id|access_key|api_?key|token(?!s|iz)", re.IGNORECASE)
 # Prefect's retries (below) are the retry layer; MLflow's own HTTP retries (7 with backoff, minutes
@@ -195,17 +196,48 @@ def experiment_runs(experiment: str) -> list[dict]:
 
 def read_json_artifact(run_id: str, path: str):
     """A run's JSON artifact, or None when it is missing or unreadable."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return json.loads(download_artifact(run_id, path, Path(tmp)).read_text())
+        except (FileNotFoundError, ValueError) as exc:
+            logger.warning("run %s has no readable %s (%s)", run_id, path, exc)
+            return None
+
+
+def download_artifact(run_id: str, path: str, folder: Path) -> Path:
+    """Download a run's artifact into ``folder``; raises ``FileNotFoundError`` when it is missing."""
     from mlflow.exceptions import MlflowException
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file is noise
-    with _tracking(f"reading {path} of run {run_id}") as client, tempfile.TemporaryDirectory() as tmp:
+    with _tracking(f"reading {path} of run {run_id}") as client:
         try:
-            return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
-        except (MlflowException, OSError, ValueError) as exc:
+            return Path(client.download_artifacts(run_id, path, str(folder)))
+        except (MlflowException, OSError) as exc:
             if _is_connection_error(exc):
                 raise
-            logger.warning("run %s has no readable %s (%s)", run_id, path, exc)
-            return None
+            raise FileNotFoundError(f"run {run_id} has no artifact {path} ({exc})") from exc
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    """A run's tags; ``UserError`` when the tracking store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    _require_store(tracking_uri())
+    with _tracking(f"reading run {run_id}") as client:
+        try:
+            return dict(client.get_run(run_id).data.tags)
+        except MlflowException as exc:
+            if _is_connection_error(exc):
+                raise
+            raise UserError(f"MLflow run {run_id} does not exist in {redact_url(tracking_uri())}") from None
+
+
+def set_run_tag(run_id: str, key: str, value: str) -> None:
+    """Tag a run (finished or not); a value over MLflow's limit is cut to it."""
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    with _tracking(f"tagging run {run_id}") as client:
+        client.set_tag(run_id, key, value[:MAX_TAG_VAL_LENGTH])
 
 
 def log_folder(run_id: str, folder: str | Path, artifact_path: str) -> None:

@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import yaml
@@ -102,7 +102,9 @@ def dvc_push(paths: Iterable[Path], root: Path, remote: str) -> None:
             local disk and ``dvc push -r neuroal`` can be rerun.
     """
     root = Path(root).resolve()
-    targets = [str(Path(p).resolve().relative_to(root)) for p in paths]
+    # The .dvc files, not the folders: DVC finds those wherever they are, also below a folder
+    # that its own ignore check (unlike git's) takes for ignored.
+    targets = [str(dvc_file(Path(p).resolve()).relative_to(root)) for p in paths]
     with _lock(root):
         configure_remote(root, remote)
         result = _dvc(root, "push", "--remote", DVC_REMOTE, *targets, check=False)
@@ -125,8 +127,7 @@ def configure_remote(root: Path, remote: str) -> None:
     """
     from dvc.config import Config
 
-    url = remote if "://" in remote else str(Path(remote).expanduser().resolve())
-    section = {"url": url}
+    section = {"url": (url := _absolute(remote))}
     endpoint = next((os.environ[e] for e in ENDPOINT_ENVS if os.environ.get(e)), None)
     if endpoint and url.startswith("s3://"):
         section["endpointurl"] = endpoint
@@ -134,6 +135,16 @@ def configure_remote(root: Path, remote: str) -> None:
     # the whole section is replaced, so a stale endpointurl from an earlier run goes too.
     with Config(dvc_dir=str(root / ".dvc")).edit("local") as conf:
         conf["remote"][DVC_REMOTE] = section
+
+
+def remote_url(remote: str) -> str:
+    """The remote as recorded for lineage (MLflow's ``dvc_remote`` tag): absolute, without credentials."""
+    return redact_url(_absolute(remote))
+
+
+def _absolute(remote: str) -> str:
+    """A URL as given; a local folder made absolute."""
+    return remote if "://" in remote else str(Path(remote).expanduser().resolve())
 
 
 def dvc_commit_stage(root: Path, stage: str) -> None:
@@ -149,11 +160,40 @@ def dvc_commit_stage(root: Path, stage: str) -> None:
         _dvc(root, "commit", "--force", "--quiet", stage)
 
 
+def pull_checkpoint(record: Path, remote: str, out: Path, check: Callable[[Path], None] = lambda folder: None) -> Path:
+    """Fetch the folder that ``record`` (a checkpoint's ``.dvc`` file) names from ``remote`` into
+    ``out``, on any machine: through a scratch DVC repository beside ``out``, so neither the
+    workspace that pushed it nor its git history is needed. ``check(folder)`` runs on the fetched
+    folder before it is renamed to ``out``, which appears complete and checked or not at all.
+
+    Raises:
+        DvcError: The remote lacks the files or cannot be reached (the message names it).
+    """
+    out = Path(out).resolve()
+    name = Path(yaml.safe_load(Path(record).read_text())["outs"][0]["path"]).name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.pull-") as scratch:
+        root = Path(scratch)
+        _dvc(root, "init", "--quiet", "--no-scm")
+        configure_remote(root, remote)
+        (root / f"{name}.dvc").write_text(Path(record).read_text())
+        result = _dvc(root, "pull", "--remote", DVC_REMOTE, f"{name}.dvc", check=False)
+        if result.returncode != 0:
+            raise DvcError(f"dvc pull from {redact_url(remote)} failed: {_tail(result.stderr)}")
+        check(root / name)
+        os.replace(root / name, out)
+    return out
+
+
 def dvc_hash(path: Path) -> str:
     """The md5 recorded in ``path``'s ``.dvc`` file (``<name>.dvc`` beside it)."""
+    return yaml.safe_load(dvc_file(path).read_text())["outs"][0]["md5"]
+
+
+def dvc_file(path: Path) -> Path:
+    """The ``.dvc`` file of a tracked folder or file (``<name>.dvc`` beside it); a ``.dvc`` file itself."""
     path = Path(path)
-    dvc_file = path if path.suffix == ".dvc" else path.with_name(path.name + ".dvc")
-    return yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+    return path if path.suffix == ".dvc" else path.with_name(path.name + ".dvc")
 
 
 def dvc_status_clean(root: Path, targets: Iterable[Path] = (), remote: str | None = None) -> bool:

@@ -20,6 +20,7 @@ from servers import (  # noqa: F401 - the fixture_* are the fixtures prefect_har
     list_keys,
     make_bucket,
 )
+from neuroal.checkpoint import read_manifest
 from tasks.versioning import DVC_REMOTE, dvc_status_clean
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -28,7 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch, tiny_llama):
-    """A git repository with params.yaml for a 2x2 grid, MLflow in a sqlite file inside it."""
+    """A git repository laid out as a clone of this one (its .gitignore, dvc.yaml and the code the
+    stage depends on) with params.yaml for a 2x2 grid, MLflow in a sqlite file inside it."""
+    (tmp_path / ".gitignore").write_text((REPO / ".gitignore").read_text())
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"],
                    cwd=tmp_path, check=True)
@@ -54,10 +57,26 @@ def _count_prunes(monkeypatch) -> list:
     return calls
 
 
+def _count_evaluations(monkeypatch) -> list:
+    import tasks.cells
+
+    calls, real = [], tasks.cells.evaluate
+    monkeypatch.setattr(tasks.cells, "evaluate", lambda spec: calls.append(spec.model) or real(spec))
+    return calls
+
+
+def _fake_version(monkeypatch, library: str, version: str) -> None:
+    """Make the cache keys (and manifests) read ``version`` as the installed ``library``."""
+    import neuroal.environment
+
+    real = neuroal.environment.installed_version
+    monkeypatch.setattr(neuroal.environment, "installed_version", lambda name: version if name == library else real(name))
+
+
 def test_campaign_tracks_versions_and_reuses(workspace, monkeypatch, capsys):
     import mlflow
 
-    prunes = _count_prunes(monkeypatch)
+    prunes, evaluations = _count_prunes(monkeypatch), _count_evaluations(monkeypatch)
     assert main(["campaign"]) == 0
     assert "| wanda | neuroal |" in capsys.readouterr().out  # the comparison table
     assert len(prunes) == 4
@@ -83,20 +102,37 @@ def test_campaign_tracks_versions_and_reuses(workspace, monkeypatch, capsys):
                             cwd=workspace)
     assert status.returncode == 0 and json.loads(status.stdout) == {}  # checkpoints and the stage
 
-    # Rerun: everything is served from the caches; no cell is pruned again.
+    # Rerun: everything is served from the caches; no cell is pruned or evaluated again.
+    assert len(evaluations) == 5
     assert main(["campaign"]) == 0
-    assert len(prunes) == 4
+    assert len(prunes) == 4 and len(evaluations) == 5
+    # Another transformers computes other numbers: every cell is pruned and evaluated again, once.
+    _fake_version(monkeypatch, "transformers", "99.0.0")
+    assert main(["campaign"]) == 0
+    assert len(prunes) == 8 and len(evaluations) == 10
+    manifest = json.loads(Path(results["cells"][0]["checkpoint"], "neuroal.json").read_text())
+    assert manifest["versions"]["transformers"] == "99.0.0" and manifest["device_kind"] == "cpu"
+    assert main(["campaign"]) == 0
+    assert len(prunes) == 8 and len(evaluations) == 10
+    # --refresh recomputes the named stages on purpose, once per campaign, and nothing else: the
+    # three cells that read data share one calibration set, drawn again once (the same windows).
+    import neuroal.pipeline
+
+    draws, draw = [], neuroal.pipeline.calibrate
+    monkeypatch.setattr(neuroal.pipeline, "calibrate", lambda plan: draws.append(plan) or draw(plan))
+    assert main(["campaign", "--refresh", "evaluate,calibration"]) == 0
+    assert len(draws) == 1 and len(prunes) == 8 and len(evaluations) == 15
     # A deleted checkpoint is rebuilt, identical.
     victim = Path(results["cells"][1]["checkpoint"])
     before = (victim / "neuroal.json").read_text()
     subprocess.run(["rm", "-rf", str(victim)], check=True)
     assert main(["campaign"]) == 0
-    assert len(prunes) == 5 and json.loads((victim / "neuroal.json").read_text())["files"] == json.loads(before)["files"]
+    assert len(prunes) == 9 and json.loads((victim / "neuroal.json").read_text())["files"] == json.loads(before)["files"]
     # A checkpoint made by code that pruned differently (an older results version) is made again.
     manifest = json.loads((victim / "neuroal.json").read_text())
     (victim / "neuroal.json").write_text(json.dumps({**manifest, "results_version": manifest["results_version"] - 1}))
     assert main(["campaign"]) == 0
-    assert len(prunes) == 6
+    assert len(prunes) == 10
 
 
 def test_a_flaky_task_is_retried_and_a_failing_cell_fails_the_campaign_only(workspace, monkeypatch, capsys):
@@ -122,7 +158,7 @@ def test_a_flaky_task_is_retried_and_a_failing_cell_fails_the_campaign_only(work
     assert all(Path(c["checkpoint"], "neuroal.json").is_file() for c in results["cells"])
 
 
-def test_checkpoints_and_artifacts_go_to_s3(workspace, s3_env):
+def test_checkpoints_and_artifacts_go_to_s3_and_come_back_by_run_id(workspace, s3_env, monkeypatch):
     import mlflow
 
     make_bucket(s3_env, "neuroal")
@@ -135,3 +171,20 @@ def test_checkpoints_and_artifacts_go_to_s3(workspace, s3_env):
     run = mlflow.MlflowClient().get_run(cell["mlflow_run_id"])
     assert run.info.artifact_uri.startswith("s3://neuroal/mlflow/")
     assert any(key.endswith("/neuroal.json") for key in list_keys(s3_env, "neuroal", "mlflow/"))
+    assert run.data.tags["dvc_remote"] == "s3://neuroal/dvc"
+    # DVC itself sees the checkpoint in this layout (the repository's own .gitignore).
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "push", "-r", DVC_REMOTE, cell["checkpoint"]],
+                   cwd=workspace, check=True, capture_output=True)
+
+    # A colleague's clone in another folder, with the run id and the remote only.
+    elsewhere = workspace.parent / "elsewhere"
+    subprocess.run(["git", "clone", "-q", str(workspace), str(elsewhere)], check=True)
+    monkeypatch.chdir(elsewhere)
+    assert main(["pull", "--run", cell["mlflow_run_id"], "--out", "restored"]) == 0
+    restored = read_manifest(elsewhere / "restored")  # verifies every weight file's sha256
+    assert restored.files == read_manifest(Path(workspace, cell["checkpoint"])).files
+    assert sorted(p.name for p in (elsewhere / "restored").iterdir()) == sorted(
+        p.name for p in Path(workspace, cell["checkpoint"]).iterdir())
+    assert main(["pull", "--run", cell["mlflow_run_id"], "--out", "restored"]) == 2  # never overwrites
+    assert main(["pull", "--run", "0" * 32, "--out", "other"]) == 2 and not (elsewhere / "other").exists()

@@ -16,11 +16,15 @@ from neuroal.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_repository_params_are_the_default_campaign():
-    config = load_campaign(REPO / "params.yaml")
-    cells = [(c.model, c.method, c.top_up, c.sparsity) for c in config.cells()]
-    assert cells == [("smollm2-135m", "wanda", top_up, s) for top_up in ("uniform", "owl", "neuroal") for s in (0.5, 0.7)]
-    assert {c.nsamples for c in config.cells()} == {32} and config.eval.tasks == ["arc_easy", "boolq"]
+def test_repository_params_are_the_default_campaign_quick_and_full():
+    quick, full = load_campaign(REPO / "params.yaml"), load_campaign(REPO / "params-full.yaml")
+    for config in (quick, full):  # the same grid, both against the dense model, with both metrics
+        cells = [(c.model, c.method, c.top_up, c.sparsity) for c in config.cells()]
+        assert cells == [("smollm2-135m", "wanda", t, s) for t in ("uniform", "owl", "neuroal") for s in (0.5, 0.7)]
+        assert config.campaign.baseline and config.eval.tasks == ["arc_easy", "boolq"] and config.eval.ppl
+    assert {c.nsamples for c in full.cells()} == {32} and full.eval.limit == 40
+    assert {c.nsamples for c in quick.cells()} == {16} and quick.eval.limit == 16
+    assert full.campaign.out != quick.campaign.out and full.campaign.experiment != quick.campaign.experiment
 
 
 def test_zoo_params_cover_four_models_three_allocators_two_sparsities():

@@ -107,6 +107,11 @@ def test_dense_statistics_are_cached_on_disk_and_verified(tmp_path, monkeypatch,
     assert cache.is_file()
     assert search_module.dense_cache_file(tmp_path, "other-model", wanted, IDS, model, CPU) != cache
     assert search_module.dense_cache_file(tmp_path, "model-digest", wanted, IDS[:2], model, CPU) != cache
+    import neuroal.environment  # other torch, other statistics: another entry
+
+    monkeypatch.setattr(neuroal.environment, "installed_version", lambda name: "0.0-other")
+    assert search_module.dense_cache_file(tmp_path, "model-digest", wanted, IDS, model, CPU) != cache
+    monkeypatch.undo()
 
     real_pass = search_module._Search._dense_pass
     calls = []

@@ -1,4 +1,5 @@
-"""Scale-out: `neuroal campaign --executor pool` fans its cells out to a Prefect work pool.
+"""Scale-out: the `nightly` deployment (the campaign with `executor: pool`) fans its cells out to
+a Prefect work pool, then reports and publishes its artifacts.
 
 A real `prefect server start` and two process workers on 127.0.0.1, the deployments registered
 from the project's own prefect.yaml with `prefect deploy --all`; everything is stopped at the end.
@@ -72,7 +73,7 @@ def _prefect(env, *args, cwd=REPO) -> str:
     return result.stdout
 
 
-def test_campaign_fans_out_through_the_work_pool(prefect_env, tiny_llama, tmp_path):
+def test_nightly_campaign_fans_out_through_the_work_pool(prefect_env, tiny_llama, tmp_path):
     workspace = tmp_path / "project"
     workspace.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=workspace, check=True)
@@ -96,21 +97,32 @@ def test_campaign_fans_out_through_the_work_pool(prefect_env, tiny_llama, tmp_pa
                           "--limit", "2"], env=env, cwd=workspace, stdout=log.open("w"), stderr=subprocess.STDOUT)
         for i, log in zip((1, 2), logs)
     ]
-    try:
-        result = subprocess.run([str(BIN / "neuroal"), "campaign"], env=env, cwd=workspace,
-                                capture_output=True, text=True, timeout=1200)
+    try:  # the scheduled deployment, started now: it runs on a worker and fans its cells out to the pool
+        result = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deployment", "run", "nightly-campaign/nightly",
+                                 "--watch", "--watch-timeout", "1200"], env=env, cwd=workspace,
+                                capture_output=True, text=True, timeout=1300)
     finally:
         for worker in workers:
             _stop(worker)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:] + "".join(l.read_text()[-3000:] for l in logs)
     results = json.loads((workspace / "runs/campaign/results.json").read_text())
     assert len(results["cells"]) == 4 and results["failed"] == []
     assert all(Path(workspace, c["checkpoint"], "neuroal.json").is_file() for c in results["cells"])
+    assert (workspace / "runs/campaign/report/report.html").is_file()
 
     runs = _api(env, "post", "/flow_runs/filter", {"flow_runs": {"name": {"like_": "prune-"}}})
     assert len(runs) == 4 and all(r["deployment_id"] and r["state_type"] == "COMPLETED" for r in runs)
     picked = [set(re.findall(r"submitting flow run '([^']+)'", log.read_text())) for log in logs]
     assert {r["id"] for r in runs} == picked[0] | picked[1]  # every cell ran on a worker of the pool
+
+    # The nightly run's artifacts: the results table and the links, beside the run in the UI.
+    listed = _prefect(env, "artifact", "ls")
+    assert "nightly-results" in listed and "nightly-report" in listed
+    table = _api(env, "post", "/artifacts/filter", {"artifacts": {"key": {"any_": ["nightly-results"]}}})
+    rows = json.loads(table[0]["data"])
+    assert len(rows) == 5 and {r["status"] for r in rows} == {"finished"} and all(r["ppl lee"] > 1 for r in rows)
+    (nightly_run,) = _api(env, "post", "/flow_runs/filter", {"flow_runs": {"name": {"like_": "nightly-"}}})
+    assert nightly_run["state_type"] == "COMPLETED" and "regression" not in nightly_run["tags"]
 
 
 def _api(env, method: str, path: str, body: dict) -> list[dict]:

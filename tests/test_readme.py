@@ -80,10 +80,9 @@ def test_examples_run_in_a_scratch_project(prefect_harness, tiny_llama, tmp_path
             subprocess.run([program, *argv[1:]], cwd=project, check=True, capture_output=True)
         if argv[:2] == ["neuroal", "campaign"] and not values:
             values.update(_cell_values(project))
-            _push_and_delete(project, values["cell"])  # so the recipe's `dvc pull` has work to do
+            _delete_local_copies(project, values["cell"])  # so the recipe's `neuroal pull` has work to do
 
-    cell = project / "runs/campaign/checkpoints" / values["cell"]
-    assert read_manifest(cell)  # pulled back, every weight file matching its digest
+    assert read_manifest(project / "ck")  # pulled back, every weight file matching its digest
     again = json.loads((project / "m.json").read_text())
     assert again["ppl"] == values["ppl"]  # the recipe reproduces the MLflow run's numbers
     assert (project / "runs/campaign/report/report.html").is_file()
@@ -91,9 +90,11 @@ def test_examples_run_in_a_scratch_project(prefect_harness, tiny_llama, tmp_path
 
 
 def _scratch_project(tmp_path: Path, model: Path, monkeypatch) -> Path:
-    """A git repository with the README's params.yaml and dvc.yaml, the tiny model for the real one."""
+    """A git repository with the README's params.yaml and dvc.yaml, the tiny model for the real one,
+    its campaigns pushing their checkpoints to a local DVC remote."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prune"]["model"] = [str(model)]
+    params["campaign"]["dvc_remote"] = str(tmp_path.parent / "dvc-remote")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     copy_dvc_stage(tmp_path)  # the project's stage
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
@@ -111,7 +112,7 @@ def _cell_values(project: Path) -> dict:
     evaluation = yaml.safe_load((project / "params.yaml").read_text())["eval"]
     metrics = json.loads((project / "runs/campaign/metrics" / f"{Path(cell['checkpoint']).name}.json").read_text())
     return {
-        "cell": Path(cell["checkpoint"]).name, "model": cell["model"], "method": cell["method"],
+        "cell": Path(cell["checkpoint"]).name, "run_id": cell["mlflow_run_id"], "model": cell["model"], "method": cell["method"],
         "top_up": cell["top_up"], "s": str(cell["sparsity"]), "ppl": metrics["ppl"],
         "git_revision": subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True,
                                        text=True, check=True).stdout.strip(),
@@ -120,13 +121,10 @@ def _cell_values(project: Path) -> dict:
     }
 
 
-def _push_and_delete(project: Path, cell: str) -> None:
-    """Give the scratch repository a DVC remote, push there, delete the cell and DVC's local cache."""
-    remote = project.parent / "dvc-remote"
-    for argv in (["remote", "add", "-d", "scratch", str(remote)], ["push", "-q"]):
-        subprocess.run([str(BIN / "dvc"), *argv], cwd=project, check=True, capture_output=True)
+def _delete_local_copies(project: Path, cell: str) -> None:
+    """Delete the cell's checkpoint and DVC's local cache: only the remote has it now."""
     shutil.rmtree(project / "runs/campaign/checkpoints" / cell)
-    shutil.rmtree(project / ".dvc/cache")  # only the remote has it now
+    shutil.rmtree(project / ".dvc/cache")
 
 
 def _filled(word: str, values: dict, model: Path) -> str:

@@ -46,12 +46,15 @@ def campaign_config(experiment: str, limit: int) -> CampaignConfig:
 
 
 def log_campaign(experiment: str, folder: Path, *, limit: int = 40, scale: float = 1.0, only=None,
-                 status: str = "FINISHED") -> str:
+                 status: str = "FINISHED", scales: dict | None = None, accuracy: dict | None = None,
+                 revision: str = "abc123", transformers: str = "5.0.0") -> str:
     """Log a campaign the way flows/campaign.py and flows/prune_cell.py do: the parent run, the
     dense baseline, and a run per cell (``only`` these cell names; the others failed), with every
-    perplexity multiplied by ``scale``. Returns the parent run id."""
+    perplexity multiplied by ``scale`` (and by ``scales[name]``) and ``accuracy[name]`` added to a
+    cell's arc_easy accuracy. Returns the parent run id."""
     config = campaign_config(experiment, limit)
-    parent = start_campaign.fn(experiment, config.model_dump(), tags={"git_revision": "abc123"})
+    parent = start_campaign.fn(experiment, config.model_dump(), tags={
+        "git_revision": revision, "environment": {"torch": "2.13.0", "transformers": transformers, "device": "cpu"}})
     evaluation = config.eval.model_dump()
     log_cell.fn(parent, f"{model_slug(MODEL)}-dense", params=flatten({"prune": {"model": MODEL}, "eval": evaluation}),
                 metrics={"ppl": {"wikipedia": DENSE_PPL, "lee": DENSE_PPL * 1.5},
@@ -62,9 +65,10 @@ def log_campaign(experiment: str, folder: Path, *, limit: int = 40, scale: float
             continue
         manifest = fake_manifest(cell.top_up, cell.sparsity)
         (folder / "neuroal.json").write_text(json.dumps(manifest))
-        ppl = PPL[cell.top_up, cell.sparsity] * scale
+        ppl = PPL[cell.top_up, cell.sparsity] * scale * (scales or {}).get(cell_name(cell), 1.0)
+        shift = (accuracy or {}).get(cell_name(cell), 0.0)
         metrics = {"ppl": {"wikipedia": ppl, "lee": ppl * 1.5},
-                   "tasks": {task: {"acc": acc, "acc_norm": acc} for task, acc in
+                   "tasks": {task: {"acc": acc + shift * (task == "arc_easy"), "acc_norm": acc} for task, acc in
                              zip(("arc_easy", "boolq"), ACC[cell.top_up])},
                    "timings": {"load": 1.0, "ppl.wikipedia": 3.0, "ppl.lee": 2.0, "tasks": 5.0},
                    "checkpoint": manifest}
@@ -210,4 +214,52 @@ def test_bad_input_is_one_line_exit_2_nothing_written(full, store, tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
     assert sorted(tmp_path.iterdir()) == before  # no report, no temporary folder, no new store
+
+
+@pytest.fixture(scope="module")
+def trend(store, tmp_path_factory) -> dict:
+    """Experiment ``trend``: three campaigns; the third, after a transformers upgrade, has a cell
+    whose perplexity rose 12%, one whose arc_easy accuracy fell 8 points, and one that failed."""
+    folder = tmp_path_factory.mktemp("trend")
+    grid = [cell_name(c) for c in campaign_config("trend", 40).cells()]
+    worse, duller, failed = grid[0], grid[1], grid[4]
+    log_campaign("trend", folder)
+    log_campaign("trend", folder, scales={worse: 1.01}, revision="def456")
+    last = log_campaign("trend", folder, scales={worse: 1.01 * 1.12}, accuracy={duller: -0.08},
+                        only=set(grid) - {failed}, status="FAILED", revision="fed789", transformers="5.1.0")
+    return {"worse": worse, "duller": duller, "failed": failed, "last": last}
+
+
+def test_history_shows_the_trend_and_the_gate_names_every_regression(trend, store, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert run_report("--experiment", "trend", "--out", out, "--history", 3, "--fail-on-regression", 5) == 3
+    captured = capsys.readouterr()
+    line = captured.err.strip()
+    assert "\n" not in line and line.startswith(f"neuroal: 4 regression(s) in campaign {trend['last']}: ")
+    assert f"{trend['worse']} ppl wikipedia " in line and "(+12.0%)" in line
+    assert f"{trend['worse']} ppl lee " in line
+    assert f"{trend['duller']} arc_easy acc 0.500 -> 0.420 (-8.0 pt)" in line and f"{trend['failed']} failed" in line
+    assert "boolq" not in line  # unchanged
+    markdown = (out / "report.md").read_text()
+    history = markdown.split("## History", 1)[1]
+    assert "git `def456` -> `fed789`; transformers 5.0.0 -> 5.1.0." in history
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+            for r in history.splitlines() if r.startswith(f"| {model_slug(MODEL)}")}
+    assert rows[trend["worse"]][0] == f"{PPL['uniform', 0.5] * 1.01:.2f} → {PPL['uniform', 0.5] * 1.01 * 1.12:.2f} (+12.0%)"
+    assert rows[trend["failed"]] == ["failed"] * 3
+    assert rows[trend["duller"]][2].endswith("(-4.0 pt)")  # the mean over the two tasks
+    assert rows[f"{model_slug(MODEL)}-dense"][0].endswith("(+0.0%)")
+    figure = f"{model_slug(MODEL)}-history.png"
+    assert f"]({figure})" in history and (out / figure).read_bytes().startswith(b"\x89PNG")
+    assert 'class="worse">+12.0%' in (out / "report.html").read_text()
+
+    # A looser gate passes the perplexity and accuracy changes, never the failed cell.
+    assert run_report("--experiment", "trend", "--out", out, "--fail-on-regression", 20) == 3
+    assert capsys.readouterr().err.strip().endswith(f": {trend['failed']} failed")
+    # A history without regressions (the first two campaigns: +1%) passes; no history, no section.
+    log_campaign("clean", tmp_path)
+    log_campaign("clean", tmp_path, scales={trend["worse"]: 1.01})
+    assert run_report("--experiment", "clean", "--out", out, "--fail-on-regression", 5) == 0
+    assert run_report("--experiment", "clean", "--out", out, "--history", 0) == 0
+    assert "## History" not in (out / "report.md").read_text()
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from neuroal.checkpoint import MANIFEST, read_manifest
 from neuroal.data import BOS_PER_WINDOW_CHOICES, corpus_digest, get_corpus, resolve_bos_per_window
+from neuroal.environment import EVALUATING_LIBRARIES, compute_environment
 from neuroal.errors import UserError
 from neuroal.evaluation.perplexity import eval_windows, perplexity
 from neuroal.evaluation.zeroshot import PAPER_TASKS, lm_eval_version, zero_shot
@@ -70,6 +71,13 @@ class EvalSpec:
                    bos_per_window=settings.bos_per_window)
 
 
+def evaluation_environment(spec: EvalSpec) -> dict:
+    """What computes ``spec``'s numbers besides the weights and settings: the versions of torch,
+    transformers and lm-eval, the device kind and the dtype (part of a campaign's metrics key)."""
+    device = resolve_device(spec.device)
+    return compute_environment(device, resolve_dtype(spec.dtype, device), EVALUATING_LIBRARIES)
+
+
 def evaluate(spec: EvalSpec) -> dict:
     """Evaluate ``spec.model``; returns the metrics record that ``neuroal eval`` writes.
 
@@ -111,6 +119,7 @@ def evaluate(spec: EvalSpec) -> dict:
         "online": spec.online,
         "device": str(device),
         "lm_eval_version": lm_eval_version(),
+        "environment": evaluation_environment(spec),
         "timings": timings,
         "checkpoint": manifest.model_dump() if manifest else None,
     }

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from neuroal.digests import json_digest, tensors_digest
+from neuroal.environment import compute_environment
 from neuroal.models import Architecture, architecture_of, block_matrices, decoder_blocks
 from neuroal.progress import progress
 from neuroal.pruning.allocators.neuroal.math import (
@@ -152,9 +153,12 @@ def search_lambdas(
 
 @torch.no_grad()
 def cache_dense_statistics(model: nn.Module, method: BaseMethod, search_ids: torch.Tensor, device: torch.device,
-                           cache: Path, batch_size: int = 8) -> Path:
-    """Compute the dense model's statistics on a search set into ``cache`` (kept if valid), so
-    that every later dense-mode search on it reads them instead of running the dense pass."""
+                           cache: Path, batch_size: int = 8, stale_before: float = 0.0) -> Path:
+    """Compute the dense model's statistics on a search set into ``cache`` (kept if valid and
+    written at or after ``stale_before``, a POSIX time), so that every later dense-mode search on
+    it reads them instead of running the dense pass."""
+    if cache.is_file() and cache.stat().st_mtime < stale_before:
+        cache.unlink()
     _Search(model, method, search_ids, device, batch_size, "dense", cache)
     return cache
 
@@ -162,14 +166,13 @@ def cache_dense_statistics(model: nn.Module, method: BaseMethod, search_ids: tor
 def dense_cache_file(folder: Path, model_digest: str, method: BaseMethod, search_ids: torch.Tensor,
                      model: nn.Module, device: torch.device) -> Path:
     """Where the dense model's statistics on a search set live: named by everything they depend
-    on (model weights, search tokens, statistics kept, dtype, device type), so a different
-    input never reads a stale entry."""
+    on (model weights, search tokens, statistics kept, library versions, device kind, dtype), so a
+    different input or other code never reads a stale entry."""
     key = json_digest({
         "model": model_digest,
         "search_ids": tensors_digest({"ids": search_ids}),
         "kinds": sorted(_search_kinds(method)),
-        "dtype": str(next(model.parameters()).dtype),
-        "device": device.type,
+        "environment": compute_environment(device, next(model.parameters()).dtype),
         "format": 2,  # token counts stored (expert fallbacks read them)
     })
     return Path(folder) / f"dense-{key[:32]}.safetensors"
