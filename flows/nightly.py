@@ -43,26 +43,33 @@ def nightly(params: str = "params.yaml", overrides: dict | None = None, fail_on_
         results, failure = campaign(config, root="."), None
     except CampaignFailed as exc:  # the report and the gate still run: the failed cells are findings
         results, failure = None, exc
-    report = read_report(config.campaign.experiment, history)
-    page = write_report(report, Path(config.campaign.out) / "report")
-    found = report_regressions(report, fail_on_regression) if fail_on_regression is not None else []
-    _publish(report, page, found)
-    if found:
-        _tag_regression(report["campaign"]["run_id"], found)
-        raise RegressionFound(regression_line(report, found))
+    report_and_gate(config.campaign.experiment, Path(config.campaign.out) / "report", fail_on_regression, history)
     if failure:
         raise failure
     return results
 
 
+def report_and_gate(experiment: str, out: Path, fail_on_regression: float | None, history: int) -> None:
+    """Inside a flow run: write the latest campaign's report, publish the artifacts, and raise
+    ``RegressionFound`` (after tagging this flow run and the MLflow run) when the gate trips."""
+    report = read_report(experiment, history)
+    page = write_report(report, out)
+    found = report_regressions(report, fail_on_regression) if fail_on_regression is not None else []
+    _publish(report, page, found)
+    if found:
+        _tag_regression(report["campaign"]["run_id"], found)
+        raise RegressionFound(regression_line(report, found))
+
+
 def _publish(report: dict, page: Path, found: list[str]) -> None:
-    """The results table and a markdown note with the links, as artifacts of this flow run."""
+    """The results table (what this campaign logged itself: a cell it failed reads failed) and a
+    markdown note with the links, as artifacts of this flow run."""
     corpora = report["corpora"]
     rows = []
-    for cell in [*({**b, "name": f"{b['model']} dense"} for b in report["baselines"]), *report["cells"]]:
+    for cell in report["history"][-1]["cells"] if report["history"] else [*report["baselines"], *report["cells"]]:
         metrics = cell.get("metrics") or {}
         accuracy = mean_accuracy(metrics) if metrics else None
-        rows.append({"cell": cell["name"], "status": cell.get("status", "finished"),
+        rows.append({"cell": cell.get("name") or f"{cell['model']} dense", "status": cell["status"],
                      **{f"ppl {c}": _rounded((metrics.get("ppl") or {}).get(c)) for c in corpora},
                      "mean acc": _rounded(accuracy, 4)})
     create_table_artifact(rows, key=RESULTS_ARTIFACT, description=f"Campaign {report['campaign']['run_id']}: "

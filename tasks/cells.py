@@ -65,8 +65,8 @@ class Refresh(BaseModel):
         return self.since if stage in self.stages else 0.0
 
     def reuses(self, stage: Stage, path: Path) -> bool:
-        """Whether the existing output ``path`` of ``stage`` may be reused."""
-        return Path(path).stat().st_mtime >= self.stale_before(stage)
+        """Whether ``stage``'s output ``path`` exists and may be reused."""
+        return Path(path).exists() and Path(path).stat().st_mtime >= self.stale_before(stage)
 
 
 NO_REFRESH = Refresh()
@@ -106,7 +106,7 @@ def calibration_windows(plan: Plan, cache: Path, refresh: Refresh = NO_REFRESH) 
             "bos_per_window": c.bos_per_window, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed,
             "code": library_versions(TOKENIZING_LIBRARIES)}
     path = Path(cache) / "calibration" / f"{json_digest(spec)[:32]}.safetensors"
-    calibration = load_calibration(path) if path.is_file() and refresh.reuses("calibration", path) else None
+    calibration = load_calibration(path) if refresh.reuses("calibration", path) else None
     if calibration is None:
         calibration = pipeline.calibrate(plan)
         save_calibration(calibration, path)
@@ -130,7 +130,7 @@ def allocation(plan: Plan, calibration: Ref | None, cache: Path, refresh: Refres
                        "calibration": calibration.digest if calibration else None, "results": RESULTS_VERSION,
                        "environment": compute_environment(plan.device, plan.dtype)})
     path = Path(cache) / "allocations" / f"{key[:32]}.safetensors"
-    if not (path.is_file() and refresh.reuses("allocate", path) and load_allocation(path) is not None):
+    if not (refresh.reuses("allocate", path) and load_allocation(path) is not None):
         save_allocation(path, pipeline.allocate(plan, _calibration(calibration), Path(cache) / "activations"))
     return Ref(str(path), key)
 
@@ -163,7 +163,7 @@ def metrics(model: str, settings: EvalConfig, out: Path, name: str, model_digest
     key = json_digest({"weights": model_digest, "eval": settings.model_dump(),
                        "corpora": {corpus: corpus_digest(corpus) for corpus in settings.ppl},
                        "environment": evaluation_environment(spec)})
-    if out.is_file() and refresh.reuses("evaluate", out):
+    if refresh.reuses("evaluate", out):
         try:
             stored = json.loads(out.read_text())
             if stored.get("key") == key:

@@ -15,6 +15,7 @@ import yaml
 from flows.prune_cell import cell_metrics
 from neuroal.cli import main
 from neuroal.config import CampaignConfig
+from servers import fixture_prefect_harness  # noqa: F401 - the Prefect server of the nightly gate
 from tasks.cells import cell_name, model_slug
 from tasks.tracking import finish_campaign, flatten, log_cell, start_campaign
 
@@ -262,4 +263,27 @@ def test_history_shows_the_trend_and_the_gate_names_every_regression(trend, stor
     assert run_report("--experiment", "clean", "--out", out, "--fail-on-regression", 5) == 0
     assert run_report("--experiment", "clean", "--out", out, "--history", 0) == 0
     assert "## History" not in (out / "report.md").read_text()
+
+
+def test_the_nightly_gate_fails_its_flow_run_tags_both_runs_and_publishes(trend, store, tmp_path, prefect_harness):
+    import mlflow
+    from prefect import flow, get_client
+
+    from flows.nightly import REPORT_ARTIFACT, RESULTS_ARTIFACT, report_and_gate
+
+    @flow
+    def nightly_tail():
+        report_and_gate("trend", tmp_path / "report", 5.0, 3)
+
+    state = nightly_tail(return_state=True)
+    assert state.is_failed() and "4 regression(s)" in state.message and trend["failed"] in state.message
+    assert trend["worse"] in mlflow.MlflowClient().get_run(trend["last"]).data.tags["regression"]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+        assert "regression" in run.tags
+        artifacts = {a.key: a for a in client.read_artifacts() if a.flow_run_id == run.id and a.key}
+    assert set(artifacts) == {RESULTS_ARTIFACT, REPORT_ARTIFACT}
+    rows = json.loads(artifacts[RESULTS_ARTIFACT].data)
+    assert {r["cell"]: r["status"] for r in rows}[trend["failed"]] == "failed" and len(rows) == 7
+    assert trend["last"] in artifacts[REPORT_ARTIFACT].data and "**regression**" in artifacts[REPORT_ARTIFACT].data
 
