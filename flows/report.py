@@ -53,11 +53,12 @@ def read_report(experiment: str, history: int = DEFAULT_HISTORY) -> dict:
     parents = sorted((r for r in runs if r["parent_run_id"] is None and _is_campaign(r)), key=lambda r: r["start_time"])
     if not parents:
         raise UserError(f"MLflow experiment {experiment!r} has no campaign run (run `neuroal campaign` first)")
-    report = _latest_campaign(experiment, parents[-1], _campaign_config(parents[-1]), runs)
-    earlier = [(p, config) for p in parents[-history:-1] if (config := _campaign_config(p, required=False))]
-    report["history"] = [_campaign_history(p, config, runs) for p, config in earlier] if history else []
-    if history:
-        report["history"].append(_campaign_history(parents[-1], _campaign_config(parents[-1]), runs))
+    latest = _campaign_config(parents[-1])
+    report = _latest_campaign(experiment, parents[-1], latest, runs)
+    report["history"] = []
+    if history:  # the earlier campaigns that logged their configuration (older neuroal did not)
+        earlier = [(p, config) for p in parents[-history:-1] if (config := _campaign_config(p, required=False))]
+        report["history"] = [_campaign_history(p, config, runs) for p, config in [*earlier, (parents[-1], latest)]]
     return report
 
 

@@ -117,7 +117,7 @@ def render_markdown(report: dict) -> str:
     for model in dict.fromkeys(c["model"] for c in [*report["baselines"], *report["cells"]]):
         lines += _model_section(report, model)
     if report.get("history"):
-        from neuroal.history import history_section
+        from neuroal.history import history_section  # here: neuroal.history builds on this module
 
         lines += history_section(report["history"], report["corpora"], [f for f in report["figures"] if f.get("history")])
     reused = [c for c in report["cells"] if c.get("run_id") and c.get("campaign_run_id") != campaign["run_id"]]
