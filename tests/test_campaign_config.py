@@ -23,7 +23,7 @@ def test_repository_params_are_the_default_campaign_quick_and_full():
         assert cells == [("smollm2-135m", "wanda", t, s) for t in ("uniform", "owl", "neuroal") for s in (0.5, 0.7)]
         assert config.campaign.baseline and config.eval.tasks == ["arc_easy", "boolq"] and config.eval.ppl
     assert {c.nsamples for c in full.cells()} == {32} and full.eval.limit == 40
-    assert {c.nsamples for c in quick.cells()} == {16} and quick.eval.limit == 16
+    assert {c.nsamples for c in quick.cells()} == {12} and quick.eval.limit == 12
     assert full.campaign.out != quick.campaign.out and full.campaign.experiment != quick.campaign.experiment
 
 
