@@ -201,10 +201,15 @@ td { white-space: nowrap; }
 .better { color: #1a7f37; } .worse { color: #cf222e; }
 img { max-width: 100%; height: auto; display: block; margin: .5em 0 1.5em; border: 1px solid #eaeef2; }
 """
-# A change in brackets, made by quality_text: perplexity (lower is better) or accuracy points.
-_PPL_CHANGE = re.compile(r"\(([+-])(\d+(?:\.\d+)?%)\)")
-_ACC_CHANGE = re.compile(r"\(([+-])(\d+(?:\.\d+)? pt)\)")
+# A change in brackets, made by quality_text and neuroal.history: perplexity (lower is better) or
+# accuracy points; a change that rounds to zero keeps the text's colour.
+_PPL_CHANGE = re.compile(r"\(([+-])((\d+(?:\.\d+)?)%)\)")
+_ACC_CHANGE = re.compile(r"\(([+-])((\d+(?:\.\d+)?) pt)\)")
+
+
 def _change_span(match: re.Match, better_sign: str) -> str:
+    if float(match[3]) == 0:
+        return match[0]
     css = "better" if match[1] == better_sign else "worse"
     return f'(<span class="{css}">{match[1]}{match[2]}</span>)'
 

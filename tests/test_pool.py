@@ -99,7 +99,7 @@ def test_nightly_campaign_fans_out_through_the_work_pool(prefect_env, tiny_llama
     ]
     try:  # the scheduled deployment, started now: it runs on a worker and fans its cells out to the pool
         result = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deployment", "run", "nightly-campaign/nightly",
-                                 "--watch", "--watch-timeout", "1200"], env=env, cwd=workspace,
+                                 "--param", "params=params.yaml", "--watch", "--watch-timeout", "1200"], env=env, cwd=workspace,
                                 capture_output=True, text=True, timeout=1300)
     finally:
         for worker in workers:
