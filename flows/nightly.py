@@ -18,7 +18,7 @@ from flows.cli import regression_line
 from flows.report import read_report, report_regressions, write_report
 from neuroal.history import DEFAULT_HISTORY
 from neuroal.report import mean_accuracy
-from tasks.tracking import set_run_tag, tracking_uri
+from tasks.tracking import redact_url, set_run_tag, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,6 @@ def _publish(report: dict, page: Path, found: list[str]) -> None:
 
 def _run_link(run_id: str) -> str:
     """A link to the MLflow run when the store is a server, else its id and store."""
-    from tasks.tracking import redact_url
-
     uri = redact_url(tracking_uri())
     if uri.startswith(("http://", "https://")):
         return f"[{run_id}]({uri.rstrip('/')}/#/runs/{run_id})"
