@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import importlib.metadata
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import torch
 import yaml
 
 from neuroal.digests import file_digest, json_digest
+from neuroal.environment import installed_version
 from neuroal.errors import UserError
 from neuroal.files import read_checked_json, write_checked_json, write_text_atomic
 from neuroal.paths import cache_dir, package_file
@@ -119,7 +119,7 @@ OFFLINE_TASKS: dict[str, _OfflineTask] = {
 
 def lm_eval_version() -> str:
     """The installed lm-eval version (read from its metadata, without importing it)."""
-    return importlib.metadata.version("lm_eval")
+    return installed_version("lm_eval")
 
 
 def zero_shot(
