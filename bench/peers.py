@@ -1,6 +1,6 @@
 """Every base method x every allocator at given sparsities on one model: perplexity on the offline
-corpora, allocation time and total prune time, beside the dense model; then, per sparsity, method
-and corpus, which allocator wins and NeuroAl's rank. Prints markdown tables; --json keeps every cell as it
+corpora, allocation time and total prune time, beside the dense model; then, per sparsity and method,
+each corpus's best allocator and NeuroAl's rank. Prints markdown tables; --json keeps every cell as it
 finishes, and a rerun with the same settings resumes from it.
 
     .venv/bin/python bench/peers.py --model smollm2-135m --sparsities 0.5,0.6,0.7 \
@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,7 +72,7 @@ def _earlier_rows(args) -> list[dict]:
     earlier = json.loads(args.json.read_text())
     if earlier.get("settings") != _settings(args):
         return []
-    print(f"resuming: {len(earlier['rows'])} cells read from {args.json}", flush=True)
+    print(f"resuming: {len(earlier['rows'])} cells read from {args.json}", file=sys.stderr, flush=True)
     return earlier["rows"]
 
 
@@ -131,16 +132,30 @@ def _print_table(args, rows: list[dict], dense: dict) -> None:
 
 
 def _print_winners(args, rows: list[dict]) -> None:
-    """Per sparsity, method and corpus: the allocator with the lowest perplexity, and NeuroAl's rank."""
-    print("\n| sparsity | method | corpus | best allocator | neuroal's rank |")
-    print("|---|---|---|---|---|")
+    """Per sparsity and method, each corpus's best allocator and its perplexity, with NeuroAl's rank
+    where it is not first; then, per sparsity, how often each allocator won and NeuroAl's mean rank."""
+    print("\n| sparsity | method | " + " | ".join(args.corpora) + " |")
+    print("|---|---|" + "---|" * len(args.corpora))
+    tallies = []
     for sparsity in args.sparsities:
+        wins, ranks = Counter(), []
         for method in args.methods:
             mine = [r for r in rows if r["sparsity"] == sparsity and r["method"] == method]
-            for corpus in args.corpora:
-                ranked = [r["allocator"] for r in sorted(mine, key=lambda r: r["ppl"][corpus])]
-                rank = f"{ranked.index('neuroal') + 1} of {len(ranked)}" if "neuroal" in ranked else "-"
-                print(f"| {sparsity:.0%} | {method} | {corpus} | {ranked[0]} | {rank} |")
+            best = [_best(mine, corpus) for corpus in args.corpora]
+            wins.update(name for name, _, _ in best)
+            ranks += [rank for _, _, rank in best if rank]
+            cells = [f"{name} {ppl:.2f}" + (f" ({rank})" if rank and rank > 1 else "") for name, ppl, rank in best]
+            print(f"| {sparsity:.0%} | {method} | " + " | ".join(cells) + " |")
+        mean = f"; neuroal's mean rank {sum(ranks) / len(ranks):.1f}" if ranks else ""
+        tallies.append(f"{sparsity:.0%}: " + ", ".join(f"{a} {n}" for a, n in wins.most_common()) + mean)
+    print("\nfirst places per sparsity: " + "; ".join(tallies))
+
+
+def _best(rows: list[dict], corpus: str) -> tuple[str, float, int | None]:
+    """The allocator with the lowest perplexity on ``corpus``, that perplexity, and NeuroAl's rank."""
+    ranked = sorted(rows, key=lambda r: r["ppl"][corpus])
+    names = [r["allocator"] for r in ranked]
+    return names[0], ranked[0]["ppl"][corpus], names.index("neuroal") + 1 if "neuroal" in names else None
 
 
 if __name__ == "__main__":
