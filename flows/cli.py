@@ -189,6 +189,8 @@ def add_pull_command(commands) -> None:
     p.add_argument("--run", required=True, help="the cell's MLflow run id (MLFLOW_TRACKING_URI names the store)")
     p.add_argument("--out", required=True, type=Path, help="the folder to restore it to (must not exist)")
     p.add_argument("--remote", help="a path or s3://bucket/prefix (default: the remote the run was pushed to)")
+    p.add_argument("--source", help="the source model, if not where the checkpoint records it (alias, hub id, "
+                   ".gguf file or folder); its digest must match")
     p.set_defaults(handler=pull)
 
 
@@ -198,7 +200,7 @@ def pull(args: argparse.Namespace) -> int:
     from tasks.tracking import TrackingUnavailable
 
     try:
-        folder = restore_checkpoint(args.run, args.out, args.remote)
+        folder = restore_checkpoint(args.run, args.out, args.remote, args.source)
     except TrackingUnavailable as exc:
         print(f"neuroal: {exc}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
-"""One cell of a campaign: calibration -> dense activations -> allocation -> prune -> evaluate ->
-version (DVC, pushed to the remote when one is set) -> track (MLflow). Also the deployment entry
-point of a Prefect work pool, so each step runs on the worker's machine."""
+"""One cell of a campaign: calibration -> dense activations -> allocation -> prune -> lineage form ->
+evaluate -> version (DVC tracks the lineage form, pushed to the remote when one is set) -> track
+(MLflow). Also the deployment entry point of a Prefect work pool, so each step runs on the
+worker's machine."""
 
 from __future__ import annotations
 
@@ -42,27 +43,30 @@ def prune_cell(cell: PruneConfig, evaluation: EvalConfig, settings: CampaignSett
     calibration = cells.calibration_windows(plan, cache, refresh)
     cells.dense_activations(plan, calibration, cache, refresh)
     allocation = cells.allocation(plan, calibration, cache, refresh)
-    checkpoint = cells.checkpoint(plan, calibration, allocation, out / "checkpoints" / name, refresh)
+    # The full folder stays local (git-ignored, evaluated); DVC tracks its compact lineage form.
+    checkpoint = cells.checkpoint(plan, calibration, allocation, out / "checkpoints" / name, out / "lineage" / name,
+                                  refresh)
+    lineage = cells.lineage_form(plan, checkpoint, out / "lineage" / name)
     metrics = cells.metrics(checkpoint.path, evaluation, out / "metrics" / f"{name}.json", name, checkpoint.digest,
                             trust_remote_code=cell.trust_remote_code, refresh=refresh)
     summary = {"name": name, "model": cell.model, "method": cell.method, "top_up": cell.top_up,
-               "sparsity": cell.sparsity, "checkpoint": checkpoint.path, "metrics": metrics,
-               "dvc_hash": dvc_track(Path(checkpoint.path), Path(root)) if settings.dvc else None}
+               "sparsity": cell.sparsity, "checkpoint": checkpoint.path, "lineage": lineage, "metrics": metrics,
+               "dvc_hash": dvc_track(Path(lineage["path"]), Path(root)) if settings.dvc else None}
     pushed = settings.dvc and settings.dvc_remote
     if pushed:  # from the machine that holds the checkpoint
-        dvc_push([Path(checkpoint.path)], Path(root), settings.dvc_remote)
+        dvc_push([Path(lineage["path"])], Path(root), settings.dvc_remote)
     if parent_run_id:
         # The .dvc file and the remote let `neuroal pull --run` restore the checkpoint anywhere.
         artifacts = [Path(checkpoint.path) / p for p in ("neuroal.json", "allocation.png")]
-        artifacts += [out / "metrics" / f"{name}.json"] + ([dvc_file(Path(checkpoint.path))] if settings.dvc else [])
+        artifacts += [out / "metrics" / f"{name}.json"] + ([dvc_file(Path(lineage["path"]))] if settings.dvc else [])
         summary["mlflow_run_id"] = log_cell(
             parent_run_id, name,
             params=flatten({"prune": cell.model_dump(), "eval": evaluation.model_dump()}),
-            metrics=cell_metrics(metrics),
+            metrics={**cell_metrics(metrics), "lineage": {k: lineage[k] for k in ("bytes", "dense_bytes")}},
             artifacts=[str(a) for a in artifacts],
             tags={"git_revision": git_revision(Path(root)) or "", "dvc_hash": summary["dvc_hash"] or "",
                   DVC_REMOTE_TAG: remote_url(settings.dvc_remote) if pushed else "",
-                  "checkpoint": checkpoint.path, "kind": "cell"},
+                  "checkpoint": checkpoint.path, "lineage_form": lineage["form"], "kind": "cell"},
             run_key=f"{name}:{checkpoint.digest}:{metrics['key']}",
         )
     return summary

@@ -61,7 +61,9 @@ class Manifest(_Record):
         calibration: The calibration windows (None when the cell read no data).
         seed, config: The seed and the whole cell config (``PruneConfig.model_dump``).
         device, device_kind, dtype, versions, results_version: Where (``cuda:0``, and the GPU model
-            or ``cpu``) and with what code it was computed.
+            or ``cpu``), in what dtype and with what code it was computed.
+        save_dtype: The dtype its weights are written in (None: ``dtype``, in checkpoints that
+            predate the field).
         timings: Seconds per stage (load, calibration, allocate, prune).
         files: sha256 of each weight file, filled in by ``save_checkpoint``.
     """
@@ -84,6 +86,7 @@ class Manifest(_Record):
     device: str
     device_kind: str = ""
     dtype: str
+    save_dtype: Optional[str] = None
     versions: dict[str, str]
     results_version: int
     timings: dict[str, float]

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_prune(commands.add_parser("prune", help="prune one model and write a checkpoint folder"))
     _add_eval(commands.add_parser("eval", help="perplexity and zero-shot accuracy of a model"))
+    _add_materialize(commands.add_parser("materialize", help="rebuild a checkpoint folder from its lineage form "
+                                         "and the source model, verified"))
     for command in entry_points(group="neuroal.commands"):  # the pipeline's `campaign`, `report` (flows/cli.py)
         command.load()(commands)
     return parser
@@ -60,11 +62,24 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name].default)
     p.add_argument("--device", default=defaults["device"].default, help="auto, cpu or cuda[:N]")
     p.add_argument("--dtype", default=defaults["dtype"].default, help="auto, float32, bfloat16 or float16")
+    p.add_argument("--save-dtype", default=defaults["save_dtype"].default,
+                   help="dtype of the checkpoint's weights: auto (the source's own where that is lossless, "
+                        "else the computed one), float32, bfloat16 or float16")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
     p.add_argument("--allow-pickle", action="store_true", help=_ALLOW_PICKLE)
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--lineage", type=Path, help="also write the checkpoint's compact lineage form to this folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --lineage) folder")
     p.set_defaults(handler=_prune)
+
+
+def _add_materialize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lineage", required=True, type=Path, help="a compact lineage form (neuroal prune --lineage, "
+                   "a campaign's runs/campaign/lineage/<cell>)")
+    p.add_argument("--out", required=True, type=Path, help="the checkpoint folder to create (must not exist)")
+    p.add_argument("--source", help="the source model, if not where the checkpoint records it (alias, hub id, "
+                   ".gguf file or folder); its digest must match")
+    p.set_defaults(handler=_materialize)
 
 
 def _plugin_help(registry: dict) -> str:
@@ -116,12 +131,26 @@ def _prune(args: argparse.Namespace) -> int:
 
     fields = {k: v for k, v in vars(args).items() if k in PruneConfig.model_fields}
     config = validated(PruneConfig, **fields)
-    if args.out.exists() and not args.overwrite:
-        raise UserError(f"output {args.out} already exists; choose another --out or pass --overwrite")
+    for out in filter(None, (args.out, args.lineage)):
+        if out.exists() and not args.overwrite:
+            raise UserError(f"output {out} already exists; choose another folder or pass --overwrite")
     plan = check_config(config)  # every input problem, before the work and its progress bars
     manifest = prune_to_checkpoint(plan, args.out, overwrite=args.overwrite)
-    summary = manifest.model_dump(include={"method", "top_up", "target_sparsity", "achieved_sparsity", "timings"})
+    summary = manifest.model_dump(include={"method", "top_up", "target_sparsity", "achieved_sparsity", "save_dtype",
+                                           "timings"})
+    if args.lineage:
+        from neuroal.lineage import write_lineage
+
+        summary["lineage"] = {"out": str(args.lineage), "form": write_lineage(args.out, plan.source, args.lineage).form}
     print(json.dumps({"out": str(args.out), **summary}, indent=1))
+    return 0
+
+
+def _materialize(args: argparse.Namespace) -> int:
+    from neuroal.lineage import materialize
+
+    manifest = materialize(args.lineage, args.out, args.source)
+    print(f"checkpoint: {args.out} ({len(manifest.files)} weight file(s) verified; pruned from {manifest.source.spec})")
     return 0
 
 

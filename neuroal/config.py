@@ -47,6 +47,8 @@ class _CellSettings(BaseModel):
     seed: int = 0
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # The checkpoint's weights: auto keeps the source's published dtype where that is lossless.
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load pickled .bin weights (unpickling can run code)
 

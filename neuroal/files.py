@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -167,3 +168,15 @@ def read_tensors(path: Path):
     except (OSError, ValueError, SafetensorError) as exc:
         logger.warning("ignoring unreadable file %s (%s)", path, exc)
         return None
+
+
+# safetensors dtype names (as its headers write them) and the torch dtypes they hold.
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def safetensors_header(path: Path) -> str:
+    """The JSON header of a safetensors file, exactly as stored (its padding included)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return f.read(size).decode("utf-8")

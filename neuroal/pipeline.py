@@ -31,6 +31,7 @@ from neuroal.models import (
     load_model,
     load_tokenizer,
     prunable_matrices,
+    published_dtype,
     resolve_device,
     resolve_dtype,
     resolve_model,
@@ -154,8 +155,42 @@ def prune_to_checkpoint(plan: Plan, out: Path, overwrite: bool = False, *,
         raise UserError(f"output {out} already exists; choose another --out or pass --overwrite")
     model, tokenizer, manifest = prune_in_memory(plan, calibration=calibration, allocation=allocation,
                                                  activation_cache=activation_cache)
+    manifest = _cast_for_saving(model, manifest, plan)
     plot = {ALLOCATION_PNG: lambda path: plot_allocation(manifest, path)}
     return save_checkpoint(model, tokenizer, manifest, out, overwrite=overwrite, extras=plot)
+
+
+def _cast_for_saving(model, manifest: Manifest, plan: Plan) -> Manifest:
+    """Cast ``model`` to the dtype its checkpoint is written in; the sparsity is counted again from
+    the cast weights (a cast to float16 could flush tiny kept weights to zero)."""
+    dtype = save_dtype(plan.config.save_dtype, published_dtype(plan.source), model)
+    model.to(dtype)
+    report = sparsity_report(model)
+    return manifest.model_copy(update={"save_dtype": dtype_name(dtype), "achieved_sparsity": report["achieved"],
+                                       "block_sparsity": report["blocks"], "module_sparsity": report["modules"]})
+
+
+def save_dtype(requested: str, published: torch.dtype, model) -> torch.dtype:
+    """The dtype a checkpoint's weights are written in.
+
+    ``auto``: the source's ``published`` dtype when every weight of ``model`` survives the cast bit
+    for bit (a bf16 model pruned in float32 by masking), else the dtype it was computed in (the
+    weights SparseGPT updated); a named dtype is cast to as asked.
+    """
+    if requested != "auto":
+        return resolve_dtype(requested, torch.device("cpu"))
+    computed = next(model.parameters()).dtype
+    if published == computed or all(_survives(t, published) for t in model.state_dict().values()):
+        return published
+    return computed
+
+
+def _survives(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``tensor`` casts to ``dtype`` and back unchanged (integer tensors are not cast)."""
+    if not tensor.is_floating_point():
+        return True
+    back = tensor.to(dtype).to(tensor.dtype)
+    return torch.equal(back, tensor) and torch.equal(torch.signbit(back), torch.signbit(tensor))
 
 
 def calibrate(plan: Plan) -> CalibrationSet | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +24,12 @@ from neuroal import RESULTS_VERSION, pipeline
 from neuroal.checkpoint import MANIFEST, read_manifest
 from neuroal.config import EvalConfig, PruneConfig, Stage
 from neuroal.data import corpus_digest, load_calibration, save_calibration
-from neuroal.digests import file_digest, json_digest
+from neuroal.digests import file_digest, json_digest, weight_files
 from neuroal.environment import COMPUTE_LIBRARIES, TOKENIZING_LIBRARIES, compute_environment, library_versions
 from neuroal.errors import UserError
 from neuroal.evaluation.evaluate import EvalSpec, evaluate, evaluation_environment
 from neuroal.files import write_json_atomic
+from neuroal.lineage import is_lineage, materialize, read_lineage, write_lineage
 from neuroal.pipeline import Plan
 from neuroal.pruning import load_allocation, save_allocation
 
@@ -136,17 +138,48 @@ def allocation(plan: Plan, calibration: Ref | None, cache: Path, refresh: Refres
 
 
 @task(name="prune", task_run_name="prune-{plan.config.method}-{plan.config.top_up}-s{plan.config.sparsity}", **COMPUTE)
-def checkpoint(plan: Plan, calibration: Ref | None, allocation: Ref, out: Path, refresh: Refresh = NO_REFRESH) -> Ref:
-    """Prune with the stored allocation and write the checkpoint folder (kept if it matches)."""
-    out = Path(out)
+def checkpoint(plan: Plan, calibration: Ref | None, allocation: Ref, out: Path, lineage: Path,
+               refresh: Refresh = NO_REFRESH) -> Ref:
+    """The cell's full checkpoint folder ``out``: kept if it matches, else rebuilt from the cell's
+    lineage form ``lineage`` if that matches (``dvc pull`` brought it, the folder was deleted), else
+    pruned with the stored allocation."""
+    out, lineage = Path(out), Path(lineage)
     if _checkpoint_matches(out, plan, calibration) and refresh.reuses("prune", out / MANIFEST):
         logger.info("checkpoint %s is up to date", out)
+    elif _lineage_matches(lineage, plan, calibration) and refresh.reuses("prune", lineage / MANIFEST):
+        logger.info("rebuilding checkpoint %s from its lineage form %s", out, lineage)
+        shutil.rmtree(out, ignore_errors=True)
+        materialize(lineage, out, plan.source)
     else:
         stored = load_allocation(Path(allocation.path))
         if stored is None:
             raise RuntimeError(f"allocation {allocation.path} is missing or corrupt; rerun the campaign")
         pipeline.prune_to_checkpoint(plan, out, overwrite=True, calibration=_calibration(calibration), allocation=stored)
     return Ref(str(out), json_digest(read_manifest(out).files))
+
+
+@task(name="lineage", task_run_name="lineage-{plan.config.method}-{plan.config.top_up}-s{plan.config.sparsity}",
+      **COMPUTE)
+def lineage_form(plan: Plan, checkpoint: Ref, out: Path) -> dict:
+    """The compact lineage form of the cell's checkpoint, which DVC tracks instead of its weights
+    (kept if it is the form of this very checkpoint). Returns its path, form and size in bytes
+    against the dense source's weight files."""
+    out, folder = Path(out), Path(checkpoint.path)
+    try:
+        current = is_lineage(out) and (out / MANIFEST).read_bytes() == (folder / MANIFEST).read_bytes()
+        lineage = read_lineage(out) if current else None
+    except UserError as exc:
+        logger.warning("%s; writing it again", exc)
+        lineage = None
+    if lineage is None:
+        lineage = write_lineage(folder, plan.source, out)
+    return {"path": str(out), "form": lineage.form, "bytes": folder_bytes(out),
+            "dense_bytes": sum(p.stat().st_size for p in weight_files(plan.source.folder))}
+
+
+def folder_bytes(folder: Path) -> int:
+    """The size of a folder's files, in bytes."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
 
 
 @task(name="evaluate", task_run_name="evaluate-{name}", **COMPUTE)
@@ -194,6 +227,23 @@ def _checkpoint_matches(out: Path, plan: Plan, calibration: Ref | None) -> bool:
     except UserError as exc:
         logger.warning("%s; pruning it again", exc)
         return False
+    return _manifest_matches(manifest, plan, calibration)
+
+
+def _lineage_matches(folder: Path, plan: Plan, calibration: Ref | None) -> bool:
+    """Whether ``folder`` is an intact lineage form of a checkpoint of this very cell."""
+    if not is_lineage(folder):
+        return False
+    try:
+        read_lineage(folder)
+        manifest = read_manifest(folder, verify=False)  # its weights are not here; the recipe names their digests
+    except UserError as exc:
+        logger.warning("%s; pruning again", exc)
+        return False
+    return _manifest_matches(manifest, plan, calibration)
+
+
+def _manifest_matches(manifest, plan: Plan, calibration: Ref | None) -> bool:
     stored_calibration = manifest.calibration.digest if manifest.calibration else None
     return (manifest.config == plan.config.model_dump() and manifest.source.digest == plan.source.digest
             and stored_calibration == (calibration.digest if calibration else None)

@@ -160,11 +160,11 @@ def dvc_commit_stage(root: Path, stage: str) -> None:
         _dvc(root, "commit", "--force", "--quiet", stage)
 
 
-def pull_checkpoint(record: Path, remote: str, out: Path, check: Callable[[Path], None] = lambda folder: None) -> Path:
-    """Fetch the folder that ``record`` (a checkpoint's ``.dvc`` file) names from ``remote`` into
-    ``out``, on any machine: through a scratch DVC repository beside ``out``, so neither the
-    workspace that pushed it nor its git history is needed. ``check(folder)`` runs on the fetched
-    folder before it is renamed to ``out``, which appears complete and checked or not at all.
+def pull_checkpoint(record: Path, remote: str, out: Path, place: Callable[[Path, Path], None]) -> Path:
+    """Fetch the folder that ``record`` (a ``.dvc`` file) names from ``remote``, on any machine:
+    through a scratch DVC repository beside ``out``, so neither the workspace that pushed it nor
+    its git history is needed. ``place(fetched, out)`` then makes ``out`` from the fetched folder
+    (checks it and moves it, or rebuilds a checkpoint from it); the scratch folder is removed.
 
     Raises:
         DvcError: The remote lacks the files or cannot be reached (the message names it).
@@ -180,8 +180,7 @@ def pull_checkpoint(record: Path, remote: str, out: Path, check: Callable[[Path]
         result = _dvc(root, "pull", "--remote", DVC_REMOTE, f"{name}.dvc", check=False)
         if result.returncode != 0:
             raise DvcError(f"dvc pull from {redact_url(remote)} failed: {_tail(result.stderr)}")
-        check(root / name)
-        os.replace(root / name, out)
+        place(root / name, out)
     return out
 
 

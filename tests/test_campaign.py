@@ -4,6 +4,7 @@ DVC, reruns served from the on-disk caches, a deleted checkpoint rebuilt, retrie
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ from servers import (  # noqa: F401 - the fixture_* are the fixtures prefect_har
     make_bucket,
 )
 from neuroal.checkpoint import read_manifest
-from tasks.versioning import DVC_REMOTE, dvc_status_clean
+from tasks.tracking import log_cell
+from tasks.versioning import DVC_REMOTE, dvc_file, dvc_push, dvc_status_clean, dvc_track
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +67,12 @@ def _count_evaluations(monkeypatch) -> list:
     return calls
 
 
+def _sha256_of_files(folder: Path) -> dict:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
+
+
 def _fake_version(monkeypatch, library: str, version: str) -> None:
     """Make the cache keys (and manifests) read ``version`` as the installed ``library``."""
     import neuroal.environment
@@ -96,8 +104,12 @@ def test_campaign_tracks_versions_and_reuses(workspace, monkeypatch, capsys):
         assert run.data.tags["dvc_hash"] == cell["dvc_hash"] and run.data.tags["dvc_hash"].endswith(".dir")
         assert run.data.tags["git_revision"]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"neuroal.json", "allocation.png"} <= artifacts
-        assert Path(cell["checkpoint"] + ".dvc").is_file()
+        assert {"neuroal.json", "allocation.png", Path(cell["lineage"]["path"]).name + ".dvc"} <= artifacts
+        # DVC tracks the lineage form (masks and recipe), not the weights; the full folder is git-ignored.
+        assert Path(cell["lineage"]["path"] + ".dvc").is_file() and not Path(cell["checkpoint"] + ".dvc").exists()
+        assert run.data.tags["lineage_form"] == cell["lineage"]["form"] == "mask"
+        assert run.data.metrics["lineage.bytes"] == cell["lineage"]["bytes"] < cell["lineage"]["dense_bytes"] / 12
+        assert subprocess.run(["git", "check-ignore", "-q", cell["checkpoint"]], cwd=workspace).returncode == 0
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], capture_output=True, text=True,
                             cwd=workspace)
     assert status.returncode == 0 and json.loads(status.stdout) == {}  # checkpoints and the stage
@@ -122,15 +134,21 @@ def test_campaign_tracks_versions_and_reuses(workspace, monkeypatch, capsys):
     monkeypatch.setattr(neuroal.pipeline, "calibrate", lambda plan: draws.append(plan) or draw(plan))
     assert main(["campaign", "--refresh", "evaluate,calibration"]) == 0
     assert len(draws) == 1 and len(prunes) == 8 and len(evaluations) == 15
-    # A deleted checkpoint is rebuilt, identical.
+    # A deleted checkpoint folder is rebuilt from its lineage form, byte for byte, without pruning;
+    # deleted with its lineage form, it is pruned again, identical.
     victim = Path(results["cells"][1]["checkpoint"])
-    before = (victim / "neuroal.json").read_text()
+    before = _sha256_of_files(victim)
     subprocess.run(["rm", "-rf", str(victim)], check=True)
     assert main(["campaign"]) == 0
-    assert len(prunes) == 9 and json.loads((victim / "neuroal.json").read_text())["files"] == json.loads(before)["files"]
-    # A checkpoint made by code that pruned differently (an older results version) is made again.
-    manifest = json.loads((victim / "neuroal.json").read_text())
-    (victim / "neuroal.json").write_text(json.dumps({**manifest, "results_version": manifest["results_version"] - 1}))
+    assert len(prunes) == 8 and _sha256_of_files(victim) == before
+    subprocess.run(["rm", "-rf", str(victim), results["cells"][1]["lineage"]["path"]], check=True)
+    assert main(["campaign"]) == 0
+    assert len(prunes) == 9 and _sha256_of_files(victim)["model.safetensors"] == before["model.safetensors"]
+    # A checkpoint made by code that pruned differently (an older results version) is made again,
+    # not rebuilt from its lineage form, which is of that older code too.
+    for folder in (victim, Path(results["cells"][1]["lineage"]["path"])):
+        manifest = json.loads((folder / "neuroal.json").read_text())
+        (folder / "neuroal.json").write_text(json.dumps({**manifest, "results_version": manifest["results_version"] - 1}))
     assert main(["campaign"]) == 0
     assert len(prunes) == 10
 
@@ -158,33 +176,52 @@ def test_a_flaky_task_is_retried_and_a_failing_cell_fails_the_campaign_only(work
     assert all(Path(c["checkpoint"], "neuroal.json").is_file() for c in results["cells"])
 
 
-def test_checkpoints_and_artifacts_go_to_s3_and_come_back_by_run_id(workspace, s3_env, monkeypatch):
+def test_checkpoints_go_to_s3_as_lineage_forms_and_come_back_by_run_id(workspace, s3_env, monkeypatch):
     import mlflow
+    from transformers import AutoModelForCausalLM
 
     make_bucket(s3_env, "neuroal")
-    assert main(["campaign", "--methods", "magnitude", "--top-ups", "uniform", "--experiment", "s3",
+    assert main(["campaign", "--methods", "wanda,sparsegpt", "--top-ups", "uniform", "--experiment", "s3",
                  "--dvc-remote", "s3://neuroal/dvc", "--artifact-location", "s3://neuroal/mlflow"]) == 0
     results = json.loads((workspace / "runs/campaign/results.json").read_text())
-    (cell,) = results["cells"]
-    assert dvc_status_clean(workspace, [Path(cell["checkpoint"])], remote=DVC_REMOTE)  # everything pushed
+    cells = {c["method"]: c for c in results["cells"]}
+    assert {m: c["lineage"]["form"] for m, c in cells.items()} == {"wanda": "mask", "sparsegpt": "values"}
+    lineages = [Path(c["lineage"]["path"]) for c in cells.values()]
+    assert dvc_status_clean(workspace, lineages, remote=DVC_REMOTE)  # everything pushed
     assert any(key.startswith("dvc/files/md5/") for key in list_keys(s3_env, "neuroal", "dvc/"))
-    run = mlflow.MlflowClient().get_run(cell["mlflow_run_id"])
+    run = mlflow.MlflowClient().get_run(cells["wanda"]["mlflow_run_id"])
     assert run.info.artifact_uri.startswith("s3://neuroal/mlflow/")
     assert any(key.endswith("/neuroal.json") for key in list_keys(s3_env, "neuroal", "mlflow/"))
     assert run.data.tags["dvc_remote"] == "s3://neuroal/dvc"
-    # DVC itself sees the checkpoint in this layout (the repository's own .gitignore).
+    # DVC itself sees the lineage forms in this layout (the repository's own .gitignore).
     dvc = [sys.executable, "-m", "dvc"]
-    subprocess.run([*dvc, "push", "-r", DVC_REMOTE, cell["checkpoint"]],
-                   cwd=workspace, check=True, capture_output=True)
+    subprocess.run([*dvc, "push", "-r", DVC_REMOTE, *map(str, lineages)], cwd=workspace, check=True, capture_output=True)
 
-    # A colleague's clone in another folder, with the run id and the remote only.
+    # A colleague's clone in another folder, with the run id, the remote and the source model only:
+    # every file comes back byte for byte, loads, and scores the run's perplexity.
     elsewhere = workspace.parent / "elsewhere"
     subprocess.run(["git", "clone", "-q", str(workspace), str(elsewhere)], check=True)
     monkeypatch.chdir(elsewhere)
-    assert main(["pull", "--run", cell["mlflow_run_id"], "--out", "restored"]) == 0
-    restored = read_manifest(elsewhere / "restored")  # verifies every weight file's sha256
-    assert restored.files == read_manifest(Path(workspace, cell["checkpoint"])).files
-    assert sorted(p.name for p in (elsewhere / "restored").iterdir()) == sorted(
-        p.name for p in Path(workspace, cell["checkpoint"]).iterdir())
-    assert main(["pull", "--run", cell["mlflow_run_id"], "--out", "restored"]) == 2  # never overwrites
+    for method, cell in cells.items():
+        assert main(["pull", "--run", cell["mlflow_run_id"], "--out", method]) == 0
+        assert _sha256_of_files(elsewhere / method) == _sha256_of_files(workspace / cell["checkpoint"])
+        assert AutoModelForCausalLM.from_pretrained(elsewhere / method) is not None
+        assert main(["eval", "--model", method, "--ppl", "lee", "--tasks", "none", "--limit", "2", "--seqlen", "32",
+                     "--out", f"{method}.json"]) == 0
+        assert json.loads((elsewhere / f"{method}.json").read_text())["ppl"] == cell["metrics"]["ppl"]
+    wanda = cells["wanda"]["mlflow_run_id"]
+    assert main(["pull", "--run", wanda, "--out", "wanda"]) == 2  # never overwrites
     assert main(["pull", "--run", "0" * 32, "--out", "other"]) == 2 and not (elsewhere / "other").exists()
+    # Another model as the source: refused, nothing written.
+    assert main(["pull", "--run", wanda, "--out", "other", "--source", str(elsewhere / "sparsegpt")]) == 2
+    assert not (elsewhere / "other").exists()
+
+    # A run of an older campaign, which tracked the full checkpoint folder, still pulls and verifies.
+    old = workspace / "old" / Path(cells["wanda"]["checkpoint"]).name
+    shutil.copytree(workspace / cells["wanda"]["checkpoint"], old)
+    dvc_track.fn(old, workspace)
+    dvc_push.fn([old], workspace, "s3://neuroal/dvc")
+    old_run = log_cell(results["mlflow_parent_run_id"], old.name, params={}, metrics={},
+                       artifacts=[old / "neuroal.json", dvc_file(old)], tags={"dvc_remote": "s3://neuroal/dvc"})
+    assert main(["pull", "--run", old_run, "--out", "old"]) == 0
+    assert _sha256_of_files(elsewhere / "old") == _sha256_of_files(old)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 
 from neuroal.digests import file_digest, pickle_weight_files, weight_files, weights_digest
 from neuroal.errors import UserError
-from neuroal.files import remove_stale_temporaries, temporary_path
+from neuroal.files import SAFETENSORS_DTYPES, remove_stale_temporaries, safetensors_header, temporary_path
 from neuroal.models.zoo import ALIASES, locate_parts, whole_gguf
 from neuroal.paths import cache_dir
 
@@ -91,6 +92,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def published_dtype(source: ModelSource) -> torch.dtype:
+    """The floating dtype that most of a model's weights are stored in (by element count), read
+    from its safetensors headers: what a hub model was published in, float32 for a dequantized GGUF.
+    float32 for a folder of pickled weights, whose dtypes cannot be read without unpickling."""
+    counts: dict[str, int] = {}
+    for path in weight_files(source.folder):
+        layout = json.loads(safetensors_header(path))
+        for name, info in layout.items():
+            if name != "__metadata__" and SAFETENSORS_DTYPES.get(info["dtype"]) in DTYPES:
+                counts[info["dtype"]] = counts.get(info["dtype"], 0) + math.prod(info["shape"])
+    return getattr(torch, SAFETENSORS_DTYPES[max(counts, key=counts.get)]) if counts else torch.float32
 
 
 def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
