@@ -133,6 +133,8 @@ def read_lineage(folder: Path) -> Lineage:
         problem = exc.errors()[0]
         raise UserError(f"lineage form {folder} is corrupt ({LINEAGE}: "
                         f"{'.'.join(map(str, problem['loc'])) or 'file'}: {problem['msg']})") from None
+    if lineage.format != FORMAT:
+        raise UserError(f"lineage form {folder} has format {lineage.format}; this neuroal reads format {FORMAT}")
     for name, digest in {**lineage.blobs, **{n: f.sha256 for n, f in lineage.files.items() if f.kind == "copy"}}.items():
         if not (folder / name).is_file() or file_digest(folder / name) != digest:
             raise UserError(f"lineage form {folder} is corrupt: {name} is missing or does not match its recorded sha256")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from neuroal.checkpoint import MANIFEST, read_manifest
@@ -51,8 +52,7 @@ def restore_checkpoint(run_id: str, out: Path, remote: str | None = None, source
         except FileNotFoundError:
             raise UserError(f"run {run_id} has no checkpoint to pull (no {name}.dvc or {MANIFEST} artifact)") from None
         try:
-            return pull_checkpoint(dvc_file, remote, out, lambda fetched, target: _place(fetched, target, source,
-                                                                                          logged, run_id))
+            return pull_checkpoint(dvc_file, remote, out, partial(_place, source=source, logged=logged, run_id=run_id))
         except DvcError as exc:
             raise UserError(str(exc)) from None
 

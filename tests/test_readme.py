@@ -31,7 +31,7 @@ BIN = Path(sys.executable).parent
 ELSEWHERE = {
     "make run": "make run itself (the quick start)",
     "make test": ".ci/run",
-    "neuroal campaign --dvc-remote": "tests/test_campaign.py::test_checkpoints_and_artifacts_go_to_s3 (moto S3)",
+    "neuroal campaign --dvc-remote": "tests/test_campaign.py::test_checkpoints_go_to_s3_as_lineage_forms (moto S3)",
     "neuroal campaign --executor pool": "tests/test_pool.py (Prefect server, work pool, two workers)",
     "prefect": "tests/test_pool.py: server start, work-pool create, deploy --all, worker start --pool",
     "docker": "no Docker engine here: the image runs `make setup` (CI), `neuroal` and `prefect worker start`",
@@ -83,6 +83,7 @@ def test_examples_run_in_a_scratch_project(prefect_harness, tiny_llama, tmp_path
             _delete_local_copies(project, values["cell"])  # so the recipe's `neuroal pull` has work to do
 
     assert read_manifest(project / "ck")  # pulled back, every weight file matching its digest
+    assert read_manifest(project / "ck-again").files == read_manifest(project / "ck").files  # dvc pull + materialize
     again = json.loads((project / "m.json").read_text())
     assert again["ppl"] == values["ppl"]  # the recipe reproduces the MLflow run's numbers
     assert (project / "runs/campaign/report/report.html").is_file()
@@ -122,8 +123,9 @@ def _cell_values(project: Path) -> dict:
 
 
 def _delete_local_copies(project: Path, cell: str) -> None:
-    """Delete the cell's checkpoint and DVC's local cache: only the remote has it now."""
-    shutil.rmtree(project / "runs/campaign/checkpoints" / cell)
+    """Delete the cell's checkpoint, its lineage form and DVC's local cache: only the remote has it now."""
+    for folder in ("runs/campaign/checkpoints", "runs/campaign/lineage"):
+        shutil.rmtree(project / folder / cell)
     shutil.rmtree(project / ".dvc/cache")
 
 

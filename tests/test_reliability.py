@@ -484,7 +484,7 @@ def test_unreachable_s3_remote_keeps_the_checkpoints_and_a_rerun_pushes_them(tin
     assert main(["campaign", *remote]) == 0
     assert len(prunes) == 1 and checkpoints(folder) == kept  # pushed, not pruned again
     (name,) = kept
-    assert dvc_status_clean(folder, [folder / "runs/campaign/checkpoints" / name], remote=DVC_REMOTE)
+    assert dvc_status_clean(folder, [folder / "runs/campaign/lineage" / name], remote=DVC_REMOTE)
     assert any(key.startswith("dvc/files/md5/") for key in list_keys(s3_env, "reliability", "dvc/"))
 
 
