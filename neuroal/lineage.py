@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import queue
 import shutil
 import struct
-from contextlib import ExitStack
+import threading
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -44,6 +47,7 @@ from neuroal.models import ModelSource, resolve_model
 
 LINEAGE, MASKS, VALUES = "lineage.json", "masks.bin", "values.bin"
 FORMAT = 1  # of lineage.json; a reader refuses a format it does not know
+_CHUNK = 1 << 24  # 16 MiB reads when copying files: few calls, flat memory
 
 # Integer views of the same width: bit-for-bit comparison (-0.0 is not 0.0, NaN equals itself).
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -99,8 +103,8 @@ def write_lineage(checkpoint: Path, source: ModelSource, out: Path) -> Lineage:
                         f"not from {source.spec} (sha256 {source.digest})")
     files = {}
     with staged_folder(out) as tmp:
-        with _SourceTensors(source.folder) as dense, _BlobWriter(tmp / MASKS) as masks, \
-                _BlobWriter(tmp / VALUES) as values:
+        with _SourceTensors(source.folder) as dense, _HashedFile(tmp / MASKS) as masks, \
+                _HashedFile(tmp / VALUES) as values:
             for path in _files_of(checkpoint):
                 digest = file_digest(path)
                 if path.suffix == ".safetensors":
@@ -167,13 +171,13 @@ def materialize(lineage_folder: Path, out: Path, source: ModelSource | str | Non
     if not isinstance(source, ModelSource):
         source = _resolve_source(manifest.source, lineage_folder, source)
     _check_source(lineage, manifest.source, lineage_folder, source)
-    with staged_folder(out) as tmp, _SourceTensors(source.folder) as dense, _BlobReader(lineage_folder) as blobs:
+    with staged_folder(out) as tmp, _SourceTensors(source.folder) as dense, _BlobReader(lineage_folder) as blobs, \
+            _torch_threads(1):
         for name, recipe in lineage.files.items():
             if recipe.kind == "weights":
                 digest = _write_weights(tmp / name, recipe, dense, blobs)
             else:
-                shutil.copyfile((lineage_folder if recipe.kind == "copy" else source.folder) / name, tmp / name)
-                digest = file_digest(tmp / name)
+                digest = _copy((lineage_folder if recipe.kind == "copy" else source.folder) / name, tmp / name)
             if digest != recipe.sha256:
                 raise UserError(f"rebuilding {name} from lineage form {lineage_folder} gave other bytes than the "
                                 "checkpoint's (sha256 differs): its masks or values are corrupt")
@@ -202,6 +206,26 @@ def _check_source(lineage: Lineage, needed: SourceRecord, folder: Path, source: 
                             f"{folder} was made ({name} differs; another transformers version converted it?)")
 
 
+@contextmanager
+def _torch_threads(count: int):
+    """Torch's intra-op threads set to ``count`` inside the block. Rebuilding is memory-bound, and
+    idle torch threads spin on the cores that the writer thread needs for hashing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _copy(path: Path, out: Path) -> str:
+    """Copy a file, returning the sha256 of what was written."""
+    with open(path, "rb") as f, _HashedFile(out) as copy:
+        while chunk := f.read(_CHUNK):
+            copy.write(chunk)
+    return copy.digest
+
+
 def _files_of(checkpoint: Path) -> list[Path]:
     """The checkpoint's files; a checkpoint folder holds no folders."""
     entries = sorted(Path(checkpoint).iterdir())
@@ -223,13 +247,14 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
 
 
-def _masked(source: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """The source where kept, +0.0 elsewhere (what ``masked_fill_(mask, 0)`` writes)."""
-    return torch.where(kept, source, torch.zeros((), dtype=source.dtype))
+def _zero(tensor: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` with +0.0 where pruned, as the pruner writes. Not in place: a source
+    tensor is a copy-on-write view of its memory-mapped file, and writing to it costs page faults."""
+    return torch.where(pruned, torch.zeros((), dtype=tensor.dtype), tensor)
 
 
-def _weights_recipe(path: Path, digest: str, dense: "_SourceTensors", masks: "_BlobWriter",
-                    values: "_BlobWriter") -> FileRecipe:
+def _weights_recipe(path: Path, digest: str, dense: "_SourceTensors", masks: "_HashedFile",
+                    values: "_HashedFile") -> FileRecipe:
     header = safetensors_header(path)
     tensors = {}
     with safe_open(str(path), framework="pt") as f:
@@ -238,8 +263,8 @@ def _weights_recipe(path: Path, digest: str, dense: "_SourceTensors", masks: "_B
     return FileRecipe(sha256=digest, kind="weights", header=header, tensors=tensors)
 
 
-def _tensor_recipe(written: torch.Tensor, source: torch.Tensor | None, masks: "_BlobWriter",
-                   values: "_BlobWriter") -> TensorRecipe:
+def _tensor_recipe(written: torch.Tensor, source: torch.Tensor | None, masks: "_HashedFile",
+                   values: "_HashedFile") -> TensorRecipe:
     """The cheapest recipe that gives ``written`` back bit for bit."""
     if source is None or source.shape != written.shape or not (written.is_floating_point() and source.is_floating_point()):
         return TensorRecipe(form="whole", values=values.write(written))
@@ -248,7 +273,7 @@ def _tensor_recipe(written: torch.Tensor, source: torch.Tensor | None, masks: "_
         return TensorRecipe(form="source")
     kept = _bits(written) != 0
     mask = masks.write(torch.from_numpy(np.packbits(kept.reshape(-1).numpy())))
-    if _same_bits(_masked(source, kept), written):
+    if _same_bits(_zero(source, ~kept), written):
         return TensorRecipe(form="mask", mask=mask)
     return TensorRecipe(form="values", mask=mask, values=values.write(written[kept]))
 
@@ -258,11 +283,8 @@ def _write_weights(path: Path, recipe: FileRecipe, dense: "_SourceTensors", blob
     header's order. Returns the sha256 of what was written."""
     header = recipe.header.encode("utf-8")
     layout = json.loads(header)
-    h = hashlib.sha256()
-    with open(path, "xb") as f:
-        for chunk in (struct.pack("<Q", len(header)), header):
-            f.write(chunk)
-            h.update(chunk)
+    with _HashedFile(path) as f:
+        f.write(struct.pack("<Q", len(header)) + header)
         position = 0
         for name in _tensor_order(recipe.header):
             info = layout[name]
@@ -270,13 +292,10 @@ def _write_weights(path: Path, recipe: FileRecipe, dense: "_SourceTensors", blob
             if name not in recipe.tensors or begin != position:
                 raise UserError(f"lineage form {blobs.folder} is corrupt: the recipe of {path.name} does not cover {name}")
             tensor = _rebuild(name, recipe.tensors[name], getattr(torch, SAFETENSORS_DTYPES[info["dtype"]]), info["shape"], dense, blobs)
-            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-            if data.nbytes != end - begin:
+            if f.write(tensor)[1] != end - begin:
                 raise UserError(f"lineage form {blobs.folder} is corrupt: {name} has the wrong size")
-            f.write(data)
-            h.update(data)
             position = end
-    return h.hexdigest()
+    return f.digest
 
 
 def _rebuild(name: str, recipe: TensorRecipe, dtype: torch.dtype, shape: list[int], dense: "_SourceTensors",
@@ -289,9 +308,9 @@ def _rebuild(name: str, recipe: TensorRecipe, dtype: torch.dtype, shape: list[in
     source = source.to(dtype)
     if recipe.form == "source":
         return source
-    kept = blobs.mask(recipe.mask, source.numel(), name).reshape(source.shape)
     if recipe.form == "mask":
-        return _masked(source, kept)
+        return _zero(source, blobs.mask(recipe.mask, source.shape, name, kept=False))
+    kept = blobs.mask(recipe.mask, source.shape, name)
     weights = torch.zeros_like(source)
     kept_values = blobs.tensor(recipe.values, dtype, name)
     if kept_values.numel() != int(kept.sum()):
@@ -327,28 +346,58 @@ class _SourceTensors:
         return handle.get_tensor(name) if handle is not None else None
 
 
-class _BlobWriter:
-    """An append-only file of raw tensor bytes, hashed as it is written."""
+class _HashedFile:
+    """A new file written in appends and hashed on the way, both in a second thread (file writes
+    and hashlib release the GIL), so they overlap the work that produces the next bytes."""
 
     def __init__(self, path: Path):
-        self._file, self._hash, self._size = open(path, "xb"), hashlib.sha256(), 0
+        self._file, self._hash, self._size, self._error = open(path, "xb"), hashlib.sha256(), 0, None
+        self._pending: queue.Queue = queue.Queue(maxsize=4)  # buffers handed over, not yet written
+        self._writer = threading.Thread(target=self._write_pending, daemon=True)
+        self._writer.start()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self._file.close()
+        self.close()
 
-    def write(self, tensor: torch.Tensor) -> tuple[int, int]:
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(data)
-        self._hash.update(data)
-        span, self._size = (self._size, data.nbytes), self._size + data.nbytes
+    def write(self, data) -> tuple[int, int]:
+        """Append ``data`` (bytes, or a tensor's raw bytes); returns its span ``(offset, bytes)``."""
+        if isinstance(data, torch.Tensor):
+            data = data.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._raise_error()
+        self._pending.put(data)
+        size = memoryview(data).nbytes
+        span, self._size = (self._size, size), self._size + size
         return span
+
+    def close(self) -> None:
+        """Wait for every write; raises what a write raised (a full disk)."""
+        if self._writer.is_alive():
+            self._pending.put(None)
+            self._writer.join()
+        self._file.close()
+        self._raise_error()
 
     @property
     def digest(self) -> str:
+        """The sha256 of everything written (after ``close``)."""
         return self._hash.hexdigest()
+
+    def _write_pending(self) -> None:
+        while (data := self._pending.get()) is not None:
+            if self._error is None:
+                try:
+                    self._file.write(data)
+                    self._hash.update(data)
+                except OSError as exc:
+                    self._error = exc  # raised in the producer's thread; keep taking its buffers
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 class _BlobReader:
@@ -376,7 +425,9 @@ class _BlobReader:
         data = self._read(VALUES, span, name)
         return torch.frombuffer(data, dtype=torch.uint8).view(dtype) if data else torch.empty(0, dtype=dtype)
 
-    def mask(self, span, count: int, name: str) -> torch.Tensor:
+    def mask(self, span, shape, name: str, kept: bool = True) -> torch.Tensor:
+        """The kept weights of a tensor of ``shape`` (with ``kept=False``: the pruned ones)."""
         packed = np.frombuffer(self._read(MASKS, span, name), dtype=np.uint8)
-        return torch.from_numpy(np.unpackbits(packed, count=count).view(bool))
+        bits = np.unpackbits(packed if kept else ~packed, count=math.prod(shape))
+        return torch.from_numpy(bits.view(bool)).reshape(shape)
 
