@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.resumable import earlier_rows, save_rows  # noqa: E402
 from neuroal.config import PruneConfig  # noqa: E402
 from neuroal.digests import weight_files  # noqa: E402
 from neuroal.files import safetensors_header  # noqa: E402
@@ -45,13 +46,13 @@ SETTINGS = ("nsamples", "seqlen", "calib")  # what a row depends on besides its 
 def main() -> None:
     args = _arguments()
     logging.basicConfig(level=logging.WARNING)
-    rows = _earlier_rows(args)
+    rows = earlier_rows(args.json, _settings(args))
     for model in args.models:
         for method in args.methods:
             for sparsity in args.sparsities:
                 if not any(_is(r, model, method, sparsity) for r in rows):
                     rows.append(_cell(args, model, method, sparsity, _dense(model, rows)))
-                    _save(args, rows)
+                    save_rows(args.json, _settings(args), rows)
     _print_table([r for m in args.models for me in args.methods for s in args.sparsities
                   for r in rows if _is(r, m, me, s)])
 
@@ -120,25 +121,6 @@ def _settings(args) -> dict:
 
 def _is(row: dict, model: str, method: str, sparsity: float) -> bool:
     return (row["model"], row["method"], row["sparsity"]) == (model, method, sparsity)
-
-
-def _earlier_rows(args) -> list[dict]:
-    if not (args.json and args.json.exists()):
-        return []
-    earlier = json.loads(args.json.read_text())
-    if earlier.get("settings") != _settings(args):
-        return []
-    print(f"resuming: {len(earlier['rows'])} cells read from {args.json}", file=sys.stderr, flush=True)
-    return earlier["rows"]
-
-
-def _save(args, rows: list[dict]) -> None:
-    """Every cell so far, written after each one (temporary file, then rename)."""
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.json.with_suffix(".partial")
-        partial.write_text(json.dumps({"settings": _settings(args), "rows": rows}, indent=1))
-        partial.replace(args.json)
 
 
 def _print_table(rows: list[dict]) -> None:

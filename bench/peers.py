@@ -13,7 +13,6 @@ Methods and allocators default to every one in the registry. Each cell is a whol
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.resumable import earlier_rows, save_rows  # noqa: E402
 from neuroal.config import PruneConfig  # noqa: E402
 from neuroal.evaluation import eval_windows, perplexity  # noqa: E402
 from neuroal.models import load_model, resolve_device, resolve_dtype, resolve_model  # noqa: E402
@@ -40,13 +40,13 @@ def main() -> None:
     dense = {c: perplexity(model.to(device), w, device) for c, w in windows.items()}
     print(f"{args.model} dense: " + ", ".join(f"{c} {p:.2f}" for c, p in dense.items()), flush=True)
 
-    rows = _earlier_rows(args)
+    rows = earlier_rows(args.json, _settings(args))
     for sparsity in args.sparsities:
         for method in args.methods:
             for allocator in args.allocators:
                 if not any(_is(r, sparsity, method, allocator) for r in rows):
                     rows.append(_cell(args, method, allocator, sparsity, windows, device))
-                    _save(args, dense, rows)
+                    save_rows(args.json, _settings(args), rows, dense=dense)
     rows = [r for s in args.sparsities for m in args.methods for a in args.allocators
             for r in rows if _is(r, s, m, a)]
     _print_table(args, rows, dense)
@@ -64,25 +64,6 @@ def _settings(args) -> dict:
 
 def _is(row: dict, sparsity: float, method: str, allocator: str) -> bool:
     return (row["sparsity"], row["method"], row["allocator"]) == (sparsity, method, allocator)
-
-
-def _earlier_rows(args) -> list[dict]:
-    if not (args.json and args.json.exists()):
-        return []
-    earlier = json.loads(args.json.read_text())
-    if earlier.get("settings") != _settings(args):
-        return []
-    print(f"resuming: {len(earlier['rows'])} cells read from {args.json}", file=sys.stderr, flush=True)
-    return earlier["rows"]
-
-
-def _save(args, dense: dict, rows: list[dict]) -> None:
-    """Every cell so far, written after each one (temporary file, then rename)."""
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.json.with_suffix(".partial")
-        partial.write_text(json.dumps({"settings": _settings(args), "dense": dense, "rows": rows}, indent=1))
-        partial.replace(args.json)
 
 
 def _arguments() -> argparse.Namespace:

@@ -116,18 +116,23 @@ def save_checkpoint(model, tokenizer, manifest: Manifest, out: Path, overwrite: 
 def read_manifest(folder: Path, verify: bool = True) -> Manifest:
     """Read a checkpoint's manifest; with ``verify``, refuse a checkpoint whose weight files are not
     exactly the recorded ones with their recorded digests."""
-    path = Path(folder) / MANIFEST
-    try:
-        manifest = Manifest.model_validate_json(path.read_text())
-    except OSError as exc:
-        raise UserError(f"{folder} is not a readable neuroal checkpoint ({MANIFEST}: {exc})") from None
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        raise UserError(f"{folder} is not a readable neuroal checkpoint ({MANIFEST}: "
-                        f"{'.'.join(map(str, problem['loc'])) or 'file'}: {problem['msg']})") from None
+    manifest = read_record(Manifest, Path(folder) / MANIFEST, f"{folder} is not a readable neuroal checkpoint")
     if verify:
         _verify_weights(Path(folder), manifest)
     return manifest
+
+
+def read_record(record: type[BaseModel], path: Path, problem: str) -> BaseModel:
+    """The JSON file ``path`` as the typed ``record``; a missing, unreadable or invalid file is one
+    ``UserError`` line: ``problem``, then the file and what is wrong with it."""
+    try:
+        return record.model_validate_json(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"{problem} ({Path(path).name}: {exc})") from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise UserError(f"{problem} ({Path(path).name}: {'.'.join(map(str, error['loc'])) or 'file'}: "
+                        f"{error['msg']})") from None
 
 
 def _verify_weights(folder: Path, manifest: Manifest) -> None:

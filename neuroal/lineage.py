@@ -36,10 +36,10 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 
-from neuroal.checkpoint import MANIFEST, Manifest, SourceRecord, read_manifest
+from neuroal.checkpoint import MANIFEST, Manifest, SourceRecord, read_manifest, read_record
 from neuroal.digests import file_digest, weight_files
 from neuroal.errors import UserError
 from neuroal.files import SAFETENSORS_DTYPES, safetensors_header, staged_folder
@@ -129,14 +129,7 @@ def read_lineage(folder: Path) -> Lineage:
         UserError: One line naming what is missing or corrupt.
     """
     folder = Path(folder)
-    try:
-        lineage = Lineage.model_validate_json((folder / LINEAGE).read_text())
-    except OSError as exc:
-        raise UserError(f"{folder} is not a readable lineage form ({LINEAGE}: {exc.strerror})") from None
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        raise UserError(f"lineage form {folder} is corrupt ({LINEAGE}: "
-                        f"{'.'.join(map(str, problem['loc'])) or 'file'}: {problem['msg']})") from None
+    lineage = read_record(Lineage, folder / LINEAGE, f"{folder} is not a readable lineage form")
     if lineage.format != FORMAT:
         raise UserError(f"lineage form {folder} has format {lineage.format}; this neuroal reads format {FORMAT}")
     for name, digest in {**lineage.blobs, **{n: f.sha256 for n, f in lineage.files.items() if f.kind == "copy"}}.items():

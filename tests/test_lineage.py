@@ -73,6 +73,13 @@ def test_weights_are_written_in_the_source_precision_where_that_is_lossless(cell
         assert counted == pytest.approx(manifest["achieved_sparsity"], abs=1e-12) and abs(counted - 0.6) < 0.01, name
 
 
+def test_an_unknown_save_dtype_is_refused(sources, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = _refused(["prune", "--model", str(sources["f32"]), "--method", "magnitude", "--sparsity", "0.5",
+                     "--save-dtype", "int8", "--out", str(out)], capsys)
+    assert "save_dtype" in line and _nothing_written(out)
+
+
 def test_a_bf16_source_pruned_by_masking_keeps_its_values(sources, cells):
     source = load_file(sources["bf16"] / "model.safetensors")
     pruned = load_file(cells["bf16-wanda"][0] / "model.safetensors")
