@@ -304,13 +304,11 @@ def _rebuild(name: str, recipe: TensorRecipe, dtype: torch.dtype, shape: list[in
     if recipe.form == "mask":
         return _zero(source, blobs.mask(recipe.mask, source.shape, name, kept=False))
     kept = blobs.mask(recipe.mask, source.shape, name)
-    weights = torch.zeros_like(source)
     kept_values = blobs.tensor(recipe.values, dtype, name)
     if kept_values.numel() != int(kept.sum()):
         raise UserError(f"lineage form {blobs.folder} is corrupt: {name} keeps {int(kept.sum())} weights "
                         f"but stores {kept_values.numel()} values")
-    weights[kept] = kept_values
-    return weights
+    return torch.zeros_like(source).masked_scatter_(kept, kept_values)
 
 
 def _tensor_order(header: str) -> list[str]:
