@@ -213,8 +213,15 @@ def dvc_status_clean(root: Path, targets: Iterable[Path] = (), remote: str | Non
     return json.loads(out or "{}") == {}
 
 
+# What a campaign writes into the repository itself: its outputs (runs/), the .dvc files that
+# track them and dvc.lock. They are not code, so they do not make the revision dirty; otherwise
+# every campaign after the first would record `<sha>-dirty` for unchanged code.
+CAMPAIGN_OUTPUTS = (":(exclude)runs", ":(exclude)dvc.lock", ":(exclude,glob)**/*.dvc")
+
+
 def git_revision(root: Path) -> str | None:
-    """The commit checked out in ``root``, with ``-dirty`` when files differ from it.
+    """The commit checked out in ``root``, with ``-dirty`` when files other than the campaign's own
+    outputs (``CAMPAIGN_OUTPUTS``) differ from it.
 
     Untracked files that git does not ignore count as changes: new code matters to reproducibility.
 
@@ -223,7 +230,7 @@ def git_revision(root: Path) -> str | None:
     """
     try:
         head = _git(root, "rev-parse", "--verify", "HEAD")
-        changes = _git(root, "status", "--porcelain")
+        changes = _git(root, "status", "--porcelain", "--", ".", *CAMPAIGN_OUTPUTS)
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("-dirty" if changes else "")

@@ -22,7 +22,7 @@ from servers import (  # noqa: F401 - the fixture_* are the fixtures prefect_har
     make_bucket,
 )
 from tasks.tracking import log_cell
-from tasks.versioning import DVC_REMOTE, dvc_file, dvc_push, dvc_status_clean, dvc_track
+from tasks.versioning import DVC_REMOTE, dvc_file, dvc_push, dvc_status_clean, dvc_track, ensure_dvc_repo
 
 pytestmark = [pytest.mark.system, pytest.mark.usefixtures("prefect_harness")]
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +45,10 @@ def workspace(tmp_path, monkeypatch, tiny_llama):
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     copy_dvc_stage(tmp_path)  # the project's stage
+    ensure_dvc_repo.fn(tmp_path)  # committed, as this repository's .dvc/ is
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "project"], cwd=tmp_path,
+                   check=True)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
@@ -96,6 +100,9 @@ def test_campaign_tracks_versions_and_reuses(workspace, monkeypatch, capsys):
     parent = [r for r in runs if r.info.run_id == results["mlflow_parent_run_id"]][0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 5  # four cells and the dense baseline
+    # The code is unchanged: the campaign's own outputs (runs/, .dvc files, dvc.lock) leave it clean.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True, text=True).stdout.strip()
+    assert parent.data.tags["git_revision"] == head
     for cell in results["cells"]:
         run = [r for r in children if r.info.run_name == cell["name"]][0]
         assert run.data.params["prune.sparsity"] == "0.5" and run.data.params["prune.method"] == cell["method"]
@@ -113,10 +120,13 @@ def test_campaign_tracks_versions_and_reuses(workspace, monkeypatch, capsys):
                             cwd=workspace)
     assert status.returncode == 0 and json.loads(status.stdout) == {}  # checkpoints and the stage
 
-    # Rerun: everything is served from the caches; no cell is pruned or evaluated again.
+    # Rerun: everything is served from the caches; no cell is pruned or evaluated again, and the
+    # campaign records the same revision.
     assert len(evaluations) == 5
     assert main(["campaign"]) == 0
     assert len(prunes) == 4 and len(evaluations) == 5
+    rerun = json.loads((workspace / "runs/campaign/results.json").read_text())["mlflow_parent_run_id"]
+    assert client.get_run(rerun).data.tags["git_revision"] == head
     # Another transformers computes other numbers: every cell is pruned and evaluated again, once.
     _fake_version(monkeypatch, "transformers", "99.0.0")
     assert main(["campaign"]) == 0

@@ -159,6 +159,13 @@ def test_unreachable_s3_fails_clearly_after_retries(repo, s3_env, prefect_harnes
 def test_git_revision(repo, tmp_path):
     head = git(repo, "rev-parse", "HEAD")
     assert git_revision(repo) == head
+    # A campaign's own outputs are not code: its runs/ folder, the .dvc files and dvc.lock.
+    lineage = repo / "runs" / "campaign" / "lineage"
+    lineage.mkdir(parents=True)
+    for path in (lineage / "cell.dvc", lineage / ".gitignore", repo / "dvc.lock", repo / "elsewhere" / "out.dvc"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("outs: []\n")
+    assert git_revision(repo) == head
     (repo / "README.md").write_text("changed\n")
     assert git_revision(repo) == f"{head}-dirty"
     git(repo, "checkout", "--quiet", "README.md")
