@@ -251,7 +251,7 @@ def _weights_recipe(path: Path, digest: str, dense: "_SourceTensors", masks: "_H
     header = safetensors_header(path)
     tensors = {}
     with safe_open(str(path), framework="pt") as f:
-        for name in _tensor_order(header):
+        for name in _tensor_order(json.loads(header)):
             tensors[name] = _tensor_recipe(f.get_tensor(name), dense.get(name), masks, values)
     return FileRecipe(sha256=digest, kind="weights", header=header, tensors=tensors)
 
@@ -279,7 +279,7 @@ def _write_weights(path: Path, recipe: FileRecipe, dense: "_SourceTensors", blob
     with _HashedFile(path) as f:
         f.write(struct.pack("<Q", len(header)) + header)
         position = 0
-        for name in _tensor_order(recipe.header):
+        for name in _tensor_order(layout):
             info = layout[name]
             begin, end = info["data_offsets"]
             if name not in recipe.tensors or begin != position:
@@ -311,9 +311,8 @@ def _rebuild(name: str, recipe: TensorRecipe, dtype: torch.dtype, shape: list[in
     return torch.zeros_like(source).masked_scatter_(kept, kept_values)
 
 
-def _tensor_order(header: str) -> list[str]:
-    """Tensor names in the order of their bytes in the file."""
-    layout = json.loads(header)
+def _tensor_order(layout: dict) -> list[str]:
+    """Tensor names of a parsed safetensors header, in the order of their bytes in the file."""
     return sorted((n for n in layout if n != "__metadata__"), key=lambda n: layout[n]["data_offsets"][0])
 
 
