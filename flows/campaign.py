@@ -83,7 +83,7 @@ def campaign_environment(config: CampaignConfig) -> dict:
     """What the report's history compares between campaigns besides the git revision: the versions
     of the libraries that compute the numbers, and the device kind of this machine (with a work
     pool, each cell's manifest records its worker's)."""
-    device = resolve_device(str(config.prune.get("device", "auto")))
+    device = resolve_device(config.prune.device)
     return {**library_versions(("torch", "transformers", "tokenizers", "lm_eval")), "device": device_kind(device)}
 
 
@@ -141,8 +141,8 @@ def _baseline(model: str, config: CampaignConfig, parent: str | None, refresh: c
     name, evaluation, out = f"{cells.model_slug(model)}-dense", config.eval, Path(config.campaign.out)
     source = resolve_model(model)
     metrics = cells.metrics(model, evaluation, out / "metrics" / f"{name}.json", name, source.digest,
-                            trust_remote_code=bool(config.prune.get("trust_remote_code")),
-                            allow_pickle=bool(config.prune.get("allow_pickle")), refresh=refresh)
+                            trust_remote_code=config.prune.trust_remote_code,
+                            allow_pickle=config.prune.allow_pickle, refresh=refresh)
     if parent:
         log_cell(parent, name, params=flatten({"prune": {"model": model}, "eval": evaluation.model_dump()}),
                  metrics=cell_metrics(metrics),

@@ -4,67 +4,139 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import yaml
+
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
 
 logger = logging.getLogger(__name__)
 
 STAGE = "campaign"  # the dvc.yaml stage that runs `neuroal campaign --params params.yaml`
 EXIT_REGRESSION = 3  # `neuroal report --fail-on-regression`: the gate tripped
 
-# flag -> (params.yaml key path, parser of the flag's text)
-_LIST = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
-_OVERRIDES = {
-    "models": ("prune.model", _LIST),
-    "methods": ("prune.method", _LIST),
-    "top_ups": ("prune.top_up", _LIST),
-    "sparsities": ("prune.sparsity", lambda text: [float(v) for v in _LIST(text)]),
-    "calib": ("prune.calib", str),
-    "nsamples": ("prune.nsamples", int),
-    "search_nsamples": ("prune.search_nsamples", int),
-    "seqlen": ("prune.seqlen", int),
-    "device": ("prune.device", str),
-    "ppl": ("eval.ppl", lambda text: [] if text == "none" else _LIST(text)),
-    "tasks": ("eval.tasks", lambda text: [] if text == "none" else _LIST(text)),
-    "limit": ("eval.limit", int),
-    "experiment": ("campaign.experiment", str),
-    "out": ("campaign.out", str),
-    "executor": ("campaign.executor", str),
-    "dvc_remote": ("campaign.dvc_remote", str),
-    "artifact_location": ("campaign.artifact_location", str),
-    "refresh": ("campaign.refresh", _LIST),
-}
+# The grid axes keep plural flags: a campaign takes a list of each (`--sparsities 0.5,0.7`).
+_AXIS_FLAGS = {"model": "models", "method": "methods", "top_up": "top_ups", "sparsity": "sparsities"}
+_SECTION_TITLES = {"prune": "the grid (params.yaml prune.*; every cell's neuroal prune settings)",
+                   "eval": "evaluation (params.yaml eval.*)", "campaign": "the campaign (params.yaml campaign.*)"}
+
+
+class _Flag(NamedTuple):
+    key: str  # the params.yaml key path it overrides, e.g. prune.sparsity
+    field: FieldInfo  # the pydantic field of that key, which parses and validates the flag's text
+
+    @property
+    def is_list(self) -> bool:
+        return typing.get_origin(self.field.annotation) is list
+
+    @property
+    def is_bool(self) -> bool:
+        return self.field.annotation is bool
+
+    def parse(self, flag: str, text: str):
+        """The flag's text as the field's value (a list comma-separated, ``none`` for the empty list);
+        a bad value is a one-line ``UserError`` naming the flag."""
+        from pydantic import TypeAdapter, ValidationError
+
+        from neuroal.errors import UserError
+
+        value = text
+        if self.is_list:
+            value = [] if text.strip().lower() == "none" else [v.strip() for v in text.split(",") if v.strip()]
+        annotation = self.field.annotation
+        if self.field.metadata:
+            annotation = typing.Annotated[(annotation, *self.field.metadata)]
+        try:
+            return TypeAdapter(annotation).validate_python(value)
+        except ValidationError as exc:
+            problems = "; ".join(_problem(e) for e in exc.errors())
+            raise UserError(f"{flag} {text!r} is not a valid value for {self.key}: {problems}") from None
+
+
+@functools.cache
+def campaign_flags() -> dict[str, _Flag]:
+    """``--flag`` -> what it overrides, for every field of ``CampaignConfig`` (the grid, evaluation
+    and campaign settings), derived from the models: a new cell setting or allocator option is a flag
+    with no edit here. A field is ``--<name>`` (``--seed``, ``--neuroal-mode``; the grid axes plural),
+    or ``--<section>-<name>`` where an earlier section took the name (``--eval-seqlen``)."""
+    from neuroal.config import CampaignConfig
+
+    flags, taken = {}, {"--params", "--help"}
+    for section, model in CampaignConfig.model_fields.items():
+        for name, field in model.annotation.model_fields.items():
+            flag = "--" + (_AXIS_FLAGS.get(name, name) if section == "prune" else name).replace("_", "-")
+            if flag in taken:
+                flag = f"--{section}-{name.replace('_', '-')}"
+            taken.add(flag)
+            flags[flag] = _Flag(f"{section}.{name}", field)
+    return flags
 
 
 def add_campaign_command(commands) -> None:
     """Add the ``campaign`` subcommand to the ``neuroal`` parser's subcommands."""
-    p = commands.add_parser("campaign", help="run the Prefect campaign over the params.yaml grid")
+    p = commands.add_parser("campaign", help="run the Prefect campaign over the params.yaml grid",
+                            usage="%(prog)s [-h] [--params PARAMS] [--FLAG VALUE ...]",
+                            description="Run the campaign over the grid of --params. Every flag overrides the "
+                                        "params.yaml key it names (the grid's flags derive from neuroal prune's "
+                                        "settings); lists are comma-separated, `none` empties one.")
     p.add_argument("--params", default="params.yaml", type=Path, help="campaign parameters (default params.yaml)")
-    for flag, (key, _) in _OVERRIDES.items():
-        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, metavar="VALUE", help=f"overrides {key}")
-    p.add_argument("--no-dvc", action="store_true", help="do not track checkpoints with DVC")
+    groups = {}
+    for flag, spec in campaign_flags().items():
+        section = spec.key.partition(".")[0]
+        if section not in groups:
+            groups[section] = p.add_argument_group(_SECTION_TITLES.get(section, section))
+        group = groups[section]
+        if spec.is_bool:
+            group.add_argument(flag, dest=spec.key, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"overrides {spec.key}")
+        else:
+            group.add_argument(flag, dest=spec.key, default=None, metavar=_metavar(spec), help=_help(spec))
     p.set_defaults(handler=run)
+
+
+def _help(spec: _Flag) -> str:
+    described = f"{spec.field.description}; " if spec.field.description else ""
+    choices = _choices(spec.field.annotation)
+    listed = "comma-separated, " if spec.is_list else ""
+    return f"{described}{listed}overrides {spec.key}" + (f" ({', '.join(choices)})" if choices else "")
+
+
+def _metavar(spec: _Flag) -> str:
+    name = spec.key.partition(".")[2].upper()
+    return f"{name}[,...]" if spec.is_list else name
+
+
+def _choices(annotation) -> tuple:
+    """The allowed values of a Literal field, or of a list of a Literal."""
+    if typing.get_origin(annotation) is list:
+        (annotation,) = typing.get_args(annotation)
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
+
+
+def _problem(error: dict) -> str:
+    """One pydantic error, with the item it is about for a list: ``Input should be ... (got '2')``."""
+    item = any(isinstance(part, int) for part in error["loc"])
+    return error["msg"] + (f" (got {error['input']!r})" if item else "")
 
 
 def run(args: argparse.Namespace) -> int:
     """Load params.yaml with the flags' overrides, check every cell, run the campaign flow."""
     from neuroal.config import load_campaign
-    from neuroal.errors import UserError
 
     overrides = {}
-    for flag, (key, parse) in _OVERRIDES.items():
-        text = getattr(args, flag)
-        if text is not None:
-            try:
-                overrides[key] = parse(text)
-            except ValueError:
-                raise UserError(f"--{flag.replace('_', '-')} {text!r} is not a valid value for {key}") from None
-    if args.no_dvc:
-        overrides["campaign.dvc"] = False
+    for flag, spec in campaign_flags().items():
+        given = getattr(args, spec.key)
+        if given is not None:
+            overrides[spec.key] = given if spec.is_bool else spec.parse(flag, given)
     config = load_campaign(args.params, **overrides)
     check_campaign(config)  # bad input fails here, before anything is tracked or written
 
@@ -117,7 +189,7 @@ def check_campaign(config) -> None:
     sources = {model: resolve_model(model) for model in config.models()}
     for cell in config.cells():
         check_config(cell, sources[cell.model])
-    trust = {key: bool(config.prune.get(key)) for key in ("trust_remote_code", "allow_pickle")}
+    trust = {key: getattr(config.prune, key) for key in ("trust_remote_code", "allow_pickle")}
     evaluation = config.eval
     for model, source in sources.items():
         check_eval(EvalSpec.of_campaign(model, evaluation, **trust), source)

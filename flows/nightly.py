@@ -17,7 +17,7 @@ from flows.campaign import CampaignFailed, campaign
 from flows.cli import regression_line
 from flows.report import read_report, report_regressions, write_report
 from neuroal.history import DEFAULT_HISTORY
-from neuroal.report import mean_accuracy
+from neuroal.metrics import mean_accuracy
 from tasks.tracking import redact_url, set_run_tag, tracking_uri
 
 logger = logging.getLogger(__name__)

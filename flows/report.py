@@ -24,6 +24,7 @@ from neuroal.config import GRID_AXES, CampaignConfig
 from neuroal.errors import UserError
 from neuroal.files import staged_folder
 from neuroal.history import DEFAULT_HISTORY, regressions
+from neuroal.pruning.registry import ALLOCATORS
 from neuroal.plots import (
     plot_block_sparsity_profiles,
     plot_history,
@@ -32,15 +33,8 @@ from neuroal.plots import (
 )
 from neuroal.report import markdown_to_html, render_markdown
 from tasks.cells import grid_cell_name, model_slug
-from tasks.tracking import (
-    CAMPAIGN_CONFIG,
-    ENVIRONMENT_TAG,
-    experiment_runs,
-    log_folder,
-    read_json_artifact,
-    redact_url,
-    tracking_uri,
-)
+from tasks.runs import experiment_runs, read_json_artifact
+from tasks.tracking import CAMPAIGN_CONFIG, ENVIRONMENT_TAG, log_folder, redact_url, tracking_uri
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 ARTIFACT_PATH = "report"  # where the report goes in the parent run's artifacts
@@ -98,7 +92,7 @@ def _latest_campaign(experiment: str, parent: dict, config: CampaignConfig, runs
     return {
         "experiment": experiment, "tracking_uri": redact_url(tracking_uri()),
         "campaign": {"run_id": parent["run_id"], "status": parent["status"], "started": _utc(parent["start_time"]),
-                     "git_revision": parent["tags"].get("git_revision"), "settings": shared},
+                     "git_revision": parent["tags"].get("git_revision"), "settings": _displayed(shared, config)},
         "corpora": list(config.eval.ppl), "tasks": list(config.eval.tasks),
         "cells": cells, "baselines": baselines,
     }
@@ -131,6 +125,13 @@ def _shared_settings(parent: dict) -> dict:
     """The campaign's params that every cell shares: ``eval.*`` and the ``prune.*`` off the grid axes."""
     return {k: v for k, v in parent["params"].items()
             if k.startswith("eval.") or (k.startswith("prune.") and k.removeprefix("prune.") not in GRID_AXES)}
+
+
+def _displayed(shared: dict, config: CampaignConfig) -> dict:
+    """The shared settings worth a reader's eye: without unset values and without the options of
+    allocators that no cell of the grid runs (the grid logs every allocator's)."""
+    others = tuple(f"prune.{name}_" for name in ALLOCATORS if name not in config.prune.top_up)
+    return {k: v for k, v in shared.items() if v != "None" and not k.startswith(others)}
 
 
 def _campaign_config(parent: dict, required: bool = True) -> CampaignConfig | None:

@@ -9,23 +9,13 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
+from neuroal.data.windows import BosPerWindow
 from neuroal.errors import UserError
 from neuroal.pruning.registry import ALLOCATORS, BASE_METHODS
 
 # The allowed --method and --top-up values: the registry's names.
 Method = Literal[tuple(BASE_METHODS)]
 TopUp = Literal[tuple(ALLOCATORS)]
-
-
-def _yaml_switch(value):
-    """YAML 1.1 reads a bare ``on``/``off`` as a boolean; take it back as the word."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return value
-
-
-# auto: BOS at every window start for the families that need it (neuroal.data.windows); on; off.
-BosPerWindow = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 
 
 class _CellSettings(BaseModel):
@@ -76,11 +66,21 @@ def validated(cls: type[BaseModel], **values) -> BaseModel:
     try:
         return cls(**values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(_key_path(e['loc'])) or 'config'}: {e['msg']}{_item(e)}" for e in exc.errors())
         raise UserError(f"invalid {cls.__name__}: {problems}") from None
 
 
-# Campaign grid axes: in params.yaml each may be one value or a list; a cell takes one of each.
+def _key_path(loc: tuple) -> list[str]:
+    """A pydantic error's location as key names; a list's item index is left to :func:`_item`."""
+    return [str(part) for part in loc if not isinstance(part, int)]
+
+
+def _item(error: dict) -> str:
+    """`` (got X)`` when the error is about one item of a list (``prune.sparsity: [0.5, 1.5]``)."""
+    return f" (got {error['input']!r})" if any(isinstance(part, int) for part in error["loc"]) else ""
+
+
+# Campaign grid axes: lists in ``PruneGrid`` (params.yaml may give one value); a cell takes one of each.
 GRID_AXES = ("model", "method", "top_up", "sparsity")
 # A campaign cell's cached stages, named as its tasks are (``campaign.refresh`` recomputes them).
 Stage = Literal["calibration", "dense-activations", "allocate", "prune", "evaluate"]
@@ -116,26 +116,54 @@ class CampaignSettings(BaseModel):
     refresh: list[Stage] = []  # stages recomputed on purpose, their cached outputs notwithstanding
 
 
+def _as_list(value) -> list:
+    """One value as a one-element list; a list or tuple as a list; None as the empty list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _grid_fields() -> dict:
+    """``PruneConfig``'s fields, the grid axes as non-empty lists of the cell's type and constraints
+    (defaulting to a list of the cell's default), every other field as it is."""
+    fields = {}
+    for name, info in PruneConfig.model_fields.items():
+        if name not in GRID_AXES:
+            fields[name] = (info.annotation, info)
+            continue
+        item = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        default = ... if info.is_required() else [info.default]
+        fields[name] = (Annotated[list[item], BeforeValidator(_as_list)], Field(default, min_length=1))
+    return fields
+
+
+# The campaign grid (``params.yaml: prune``), derived from PruneConfig so that a new cell setting or
+# allocator option is a grid setting, a `neuroal campaign` flag and an MLflow param with no edit here.
+PruneGrid = create_model("PruneGrid", __config__=ConfigDict(extra="forbid", frozen=True), __module__=__name__,
+                         __doc__="The campaign grid: ``PruneConfig``'s fields, the grid axes as lists.",
+                         **_grid_fields())
+
+
 class CampaignConfig(BaseModel):
     """``params.yaml``: the grid (``prune``, list-valued axes), evaluation and campaign settings."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prune: dict
+    prune: PruneGrid
     eval: EvalConfig = EvalConfig()
     campaign: CampaignSettings = CampaignSettings()
 
     def cells(self) -> list[PruneConfig]:
         """One ``PruneConfig`` per point of the grid, in params order (models outermost)."""
-        axes = [_as_list(self.prune.get(axis)) for axis in GRID_AXES]
-        shared = {k: v for k, v in self.prune.items() if k not in GRID_AXES}
+        axes = [getattr(self.prune, axis) for axis in GRID_AXES]
+        shared = self.prune.model_dump(exclude=set(GRID_AXES))
         return [
             validated(PruneConfig, **shared, **dict(zip(GRID_AXES, point)))
             for point in itertools.product(*axes)
         ]
 
     def models(self) -> list[str]:
-        return _as_list(self.prune.get("model"))
+        return list(self.prune.model)
 
 
 def load_campaign(path: Path, **overrides) -> CampaignConfig:
@@ -156,15 +184,10 @@ def load_campaign(path: Path, **overrides) -> CampaignConfig:
         if value is not None:
             section, _, key = key_path.partition(".")
             params.setdefault(section, {})[key] = value
-    config = validated(CampaignConfig, **params)
-    for axis in GRID_AXES:
-        if not _as_list(config.prune.get(axis)):
+    grid = params.get("prune")
+    for axis in GRID_AXES:  # PruneGrid refuses these too; this says so in the words of params.yaml
+        if isinstance(grid, dict) and axis in grid and not _as_list(grid[axis]):
             raise UserError(f"{path}: prune.{axis} needs at least one value")
+    config = validated(CampaignConfig, **params)
     config.cells()
     return config
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]

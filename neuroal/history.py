@@ -11,7 +11,7 @@ is exactly what the gate is there to catch).
 
 from __future__ import annotations
 
-from neuroal.report import mean_accuracy, relative_change
+from neuroal.metrics import mean_accuracy, relative_change
 
 DEFAULT_HISTORY = 10  # campaigns in the report's history section, the latest included
 

@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from neuroal.checkpoint import Manifest
+from neuroal.metrics import mean_accuracy
 
 ALLOCATION_PNG = "allocation.png"
 
@@ -94,8 +95,6 @@ def plot_history(history: list[dict], model: str, corpora: list[str], path: Path
     the mean zero-shot accuracy, against each campaign's start; a line per cell, coloured by top-up
     and dashed by sparsity, the dense model in black, a red cross where a cell failed (at its last
     value). Returns False (and writes nothing) when nothing finished."""
-    from neuroal.report import mean_accuracy
-
     series: dict[str, dict] = {}  # cell name -> the cell, its metrics and failures by campaign index
     for index, campaign in enumerate(history):
         for cell in campaign["cells"]:

@@ -13,6 +13,9 @@ import html
 import re
 from collections.abc import Callable, Mapping
 
+from neuroal.history import history_section
+from neuroal.metrics import mean_accuracy, relative_change
+
 CellText = Callable[[dict, "dict | None"], str]
 LINE_BREAK = "<br>"  # inside a markdown table cell: GitHub renders it, and so does markdown_to_html
 
@@ -50,19 +53,6 @@ def comparison_table(cells: list[dict], baselines: list[dict], corpus: str | Non
             lines.append(f"| {method} | {top_up} | " + " | ".join(values) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-def mean_accuracy(metrics: dict) -> float | None:
-    """Mean over tasks of ``acc`` (None without tasks)."""
-    accs = [values["acc"] for values in (metrics.get("tasks") or {}).values() if values.get("acc") is not None]
-    return sum(accs) / len(accs) if accs else None
-
-
-def relative_change(value: float | None, reference: float | None) -> float | None:
-    """``(value - reference) / reference``; None when either is missing or the reference is 0."""
-    if value is None or not reference:
-        return None
-    return (value - reference) / reference
 
 
 def quality_text(corpora: list[str], line_break: str = LINE_BREAK) -> CellText:
@@ -117,8 +107,6 @@ def render_markdown(report: dict) -> str:
     for model in dict.fromkeys(c["model"] for c in [*report["baselines"], *report["cells"]]):
         lines += _model_section(report, model)
     if report.get("history"):
-        from neuroal.history import history_section  # here: neuroal.history builds on this module
-
         lines += history_section(report["history"], report["corpora"], [f for f in report["figures"] if f.get("history")])
     reused = [c for c in report["cells"] if c.get("run_id") and c.get("campaign_run_id") != campaign["run_id"]]
     if reused:

@@ -18,7 +18,7 @@ from pathlib import Path
 from neuroal.checkpoint import MANIFEST, read_manifest
 from neuroal.errors import UserError
 from neuroal.lineage import is_lineage, materialize
-from tasks.tracking import download_artifact, run_tags
+from tasks.runs import download_artifact, run_tags
 from tasks.versioning import DvcError, pull_checkpoint
 
 DVC_REMOTE_TAG = "dvc_remote"

@@ -3,18 +3,16 @@
 Every call goes through an explicit ``MlflowClient`` bound to :func:`tracking_uri`, never through
 MLflow's fluent active-run stack, so cells can be logged from worker threads and processes.
 Storage and network tasks retry with backoff; when the server stays unreachable the final error
-names it.
+names it. Reading runs back is in ``tasks.runs``, which shares this module's client and errors.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import numbers
 import os
 import posixpath
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -23,8 +21,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-
-from neuroal.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +37,7 @@ _MLFLOW_HTTP_RETRIES = "2"
 NETWORK = {"retries": 3, "retry_delay_seconds": [1, 4, 16], "cache_policy": NO_CACHE}
 # MLflow names allow word characters, / . - and space (colons only off Windows).
 _INVALID_KEY = re.compile(r"[^/\w.\- ]")
-_PAGE = 1000  # runs per search page (MLflow's maximum for one request is larger; this is plenty)
+SEARCH_PAGE = 1000  # runs per search page (MLflow's maximum for one request is larger; this is plenty)
 
 
 class TrackingUnavailable(RuntimeError):
@@ -96,7 +92,7 @@ def start_campaign(experiment: str, config: dict, artifact_location: str | None 
     Returns:
         The parent run id. The run stays open until :func:`finish_campaign`.
     """
-    with _tracking("starting the campaign run") as client:
+    with mlflow_client("starting the campaign run") as client:
         experiment_id = _experiment_id(client, experiment, artifact_location)
         run = client.create_run(experiment_id, run_name=experiment, tags=_clean_tags(tags or {}))
         _log(client, run.info.run_id, config, {})
@@ -126,7 +122,7 @@ def log_cell(parent_run_id: str, name: str, params: dict, metrics: dict, artifac
     """
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    with _tracking(f"logging cell {name!r}") as client:
+    with mlflow_client(f"logging cell {name!r}") as client:
         experiment_id = client.get_run(parent_run_id).info.experiment_id
         if run_key and (existing := _finished_run(client, experiment_id, parent_run_id, run_key)):
             logger.info("cell %s already logged as MLflow run %s", name, existing)
@@ -155,113 +151,28 @@ def finish_campaign(run_id: str, status: str = "FINISHED") -> None:
         run_id: The run id returned by :func:`start_campaign`.
         status: ``FINISHED``, ``FAILED`` or ``KILLED``.
     """
-    with _tracking("finishing the campaign run") as client:
+    with mlflow_client("finishing the campaign run") as client:
         client.set_terminated(run_id, status)
-
-
-# Reading a campaign back (``neuroal report``): plain functions, not tasks, because the report runs
-# outside any flow and needs no task-run bookkeeping (nor a temporary Prefect server).
-
-
-def experiment_runs(experiment: str) -> list[dict]:
-    """Every run of an MLflow experiment as a plain dict.
-
-    Returns:
-        Dicts with ``run_id``, ``name``, ``status``, ``start_time`` and ``end_time`` (ms since the
-        epoch, 0 when unset), ``params``, ``metrics``, ``tags`` and ``parent_run_id`` (None for a
-        campaign's parent run).
-
-    Raises:
-        UserError: The tracking store or the experiment does not exist.
-    """
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-    uri = tracking_uri()
-    _require_store(uri)
-    with _tracking(f"reading experiment {experiment!r}") as client:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise UserError(f"MLflow experiment {experiment!r} does not exist in {redact_url(uri)}")
-        runs, token = [], None
-        while True:
-            page = client.search_runs([found.experiment_id], max_results=_PAGE, page_token=token)
-            runs += page
-            if not (token := page.token):
-                break
-    return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
-             "start_time": r.info.start_time or 0, "end_time": r.info.end_time or 0,
-             "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags),
-             "parent_run_id": r.data.tags.get(MLFLOW_PARENT_RUN_ID)} for r in runs]
-
-
-def read_json_artifact(run_id: str, path: str):
-    """A run's JSON artifact, or None when it is missing or unreadable."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            return json.loads(download_artifact(run_id, path, Path(tmp)).read_text())
-        except (FileNotFoundError, ValueError) as exc:
-            logger.warning("run %s has no readable %s (%s)", run_id, path, exc)
-            return None
-
-
-def download_artifact(run_id: str, path: str, folder: Path) -> Path:
-    """Download a run's artifact into ``folder``; raises ``FileNotFoundError`` when it is missing."""
-    from mlflow.exceptions import MlflowException
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file is noise
-    with _tracking(f"reading {path} of run {run_id}") as client:
-        try:
-            return Path(client.download_artifacts(run_id, path, str(folder)))
-        except (MlflowException, OSError) as exc:
-            if _is_connection_error(exc):
-                raise
-            raise FileNotFoundError(f"run {run_id} has no artifact {path} ({exc})") from exc
-
-
-def run_tags(run_id: str) -> dict[str, str]:
-    """A run's tags; ``UserError`` when the tracking store has no such run."""
-    from mlflow.exceptions import MlflowException
-
-    _require_store(tracking_uri())
-    with _tracking(f"reading run {run_id}") as client:
-        try:
-            return dict(client.get_run(run_id).data.tags)
-        except MlflowException as exc:
-            if _is_connection_error(exc):
-                raise
-            raise UserError(f"MLflow run {run_id} does not exist in {redact_url(tracking_uri())}") from None
 
 
 def set_run_tag(run_id: str, key: str, value: str) -> None:
     """Tag a run (finished or not); a value over MLflow's limit is cut to it."""
     from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
-    with _tracking(f"tagging run {run_id}") as client:
+    with mlflow_client(f"tagging run {run_id}") as client:
         client.set_tag(run_id, key, value[:MAX_TAG_VAL_LENGTH])
 
 
 def log_folder(run_id: str, folder: str | Path, artifact_path: str) -> None:
     """Upload a folder's files to a run (finished or not) under ``artifact_path``."""
-    with _tracking(f"logging {artifact_path} to run {run_id}") as client:
+    with mlflow_client(f"logging {artifact_path} to run {run_id}") as client:
         client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
 
 
-def _require_store(uri: str) -> None:
-    """Refuse a local store that does not exist: MLflow would create an empty one."""
-    parts = urlsplit(uri)
-    if parts.scheme == "sqlite":
-        path = parts.path[1:]  # SQLAlchemy: sqlite:///relative.db, sqlite:////absolute.db
-    elif parts.scheme in ("", "file"):
-        path = parts.path
-    else:
-        return  # a server: a missing experiment is reported by name
-    if path and not Path(path).exists():
-        raise UserError(f"no MLflow store at {path}: run a campaign here first or set {TRACKING_URI_ENV}")
-
-
 @contextmanager
-def _tracking(what: str):
-    """An ``MlflowClient`` for :func:`tracking_uri`; a connection failure becomes a clear error."""
+def mlflow_client(what: str):
+    """An ``MlflowClient`` for :func:`tracking_uri`; a connection failure becomes a clear error.
+    Every MLflow call goes through it, writers here and readers in ``tasks.runs``."""
     from mlflow import MlflowClient
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", _MLFLOW_HTTP_RETRIES)
@@ -269,7 +180,7 @@ def _tracking(what: str):
     try:
         yield MlflowClient(tracking_uri=uri)
     except Exception as exc:
-        if not _is_connection_error(exc):
+        if not is_connection_error(exc):
             raise
         raise TrackingUnavailable(
             f"MLflow tracking server {redact_url(uri)} is unreachable while {what}: {_root_cause(exc)}. "
@@ -302,7 +213,7 @@ def _finished_run(client, experiment_id: str, parent_run_id: str, run_key: str) 
     query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and attributes.status = 'FINISHED'"
     token = None
     while True:
-        page = client.search_runs([experiment_id], query, max_results=_PAGE, page_token=token)
+        page = client.search_runs([experiment_id], query, max_results=SEARCH_PAGE, page_token=token)
         for run in page:
             if run.data.tags.get(RUN_KEY_TAG) == run_key:
                 return run.info.run_id
@@ -379,7 +290,7 @@ def _terminate_quietly(client, run_id: str) -> None:
         logger.debug("could not mark run %s failed", run_id, exc_info=True)
 
 
-def _is_connection_error(exc: BaseException) -> bool:
+def is_connection_error(exc: BaseException) -> bool:
     """Whether ``exc`` (or an error it was raised from) is a network connection failure."""
     import requests
 

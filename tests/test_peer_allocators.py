@@ -1,4 +1,5 @@
-"""OWL and AlphaPruning allocation math, checked against counts and formulas written out here."""
+"""OWL and AlphaPruning allocation math, checked against counts and formulas written out here;
+OWL's two variants on a tiny dense model."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import math
 
 import pytest
 import torch
+from conftest import SMOLLM2_VOCAB, input_norms_by_whole_model_hooks
 
-from neuroal.pruning.allocators.alpha.math import alpha_peak, alpha_ratios, alpha_sparsities, block_alpha
+from neuroal.models import load_model, prunable_matrices, resolve_model
 from neuroal.pruning.allocation import expand_to_modules
+from neuroal.pruning.allocators.alpha.math import alpha_peak, alpha_ratios, alpha_sparsities, block_alpha
+from neuroal.pruning.allocators.owl import Options as OwlOptions
 from neuroal.pruning.allocators.owl.math import outlier_ratio, owl_sparsities
+from neuroal.pruning.methods.wanda import METHOD as WANDA
+from neuroal.pruning.plugin import AllocationInputs
+from neuroal.pruning.registry import allocator
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -99,6 +106,69 @@ def test_expand_to_modules():
         expand_to_modules([0.4], names)
     with pytest.raises(ValueError):
         expand_to_modules([0.4, 0.6], [["x"], ["x"]])
+
+
+# OWL on a tiny dense model: the variant it ran is recorded; block (the authors' code) is the default.
+
+OWL_IDS = torch.randint(0, SMOLLM2_VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def owl_on_tiny_llama(tiny_llama):
+    """The dense model's Wanda scores by matrix (computed here with whole-model hooks) and OWL's
+    allocations at 60%: default options, and each variant named."""
+    model, _ = load_model(resolve_model(str(tiny_llama)))
+    matrices = prunable_matrices(model)
+    norms = input_norms_by_whole_model_hooks(model, OWL_IDS)
+    scores = {name: m.weight.detach().abs() * norms[name] for name, m in matrices.items()}
+    inputs = AllocationInputs(model, matrices, 0.6, WANDA, torch.device("cpu"), batch_size=2, calibration_ids=OWL_IDS)
+    owl = allocator("owl").allocate
+    runs = {"default": owl(inputs), **{v: owl(inputs, OwlOptions(variant=v)) for v in ("block", "layer")}}
+    return scores, {name: m.weight.numel() for name, m in matrices.items()}, runs
+
+
+def by_weight(targets, sizes):
+    return sum(targets[n] * sizes[n] for n in targets) / sum(sizes.values())
+
+
+def test_owl_records_the_block_variant_by_default_and_its_allocation_is_unchanged(owl_on_tiny_llama):
+    scores, sizes, runs = owl_on_tiny_llama
+    assert OwlOptions().variant == "block"
+    default, block = runs["default"], runs["block"]
+    assert default.details["variant"] == "block" and default.details == block.details
+    assert default.targets == block.targets
+    blocks = [[n for n in scores if n.startswith(f"model.layers.{i}.")] for i in range(3)]
+    # atol: a score a float32 rounding away from the threshold may count on one side or the other
+    expected = [outlier_ratio([scores[n] for n in names]) for names in blocks]
+    assert default.details["outlier_ratios"] == pytest.approx(expected, abs=2 / min(sizes.values()))
+    sparsities = default.details["block_sparsities"]
+    assert sparsities == pytest.approx(owl_sparsities(default.details["outlier_ratios"], 0.6), abs=1e-12)
+    assert default.targets == expand_to_modules(sparsities, blocks)
+
+
+def test_owl_layer_variant_gives_each_matrix_its_own_ratio_and_sparsity(owl_on_tiny_llama):
+    scores, sizes, runs = owl_on_tiny_llama
+    layer, block = runs["layer"], runs["block"]
+    assert layer.details["variant"] == "layer" and "block_sparsities" not in layer.details
+    ratios = layer.details["outlier_ratios"]
+    assert list(ratios) == list(scores) == list(layer.targets)
+    expected = {name: outlier_ratio([score]) for name, score in scores.items()}
+    for name, ratio in ratios.items():
+        assert ratio == pytest.approx(expected[name], abs=2 / sizes[name]), name
+    # min-max over every matrix onto 2 * lambda, then one shift puts the mean by weight at the target
+    spread = [layer.targets[n] - s for n, s in zip(scores, owl_sparsities(list(ratios.values()), 0.6))]
+    assert max(spread) - min(spread) == pytest.approx(0, abs=1e-12)
+    assert by_weight(layer.targets, sizes) == pytest.approx(0.6, abs=1e-12)
+    assert by_weight(block.targets, sizes) == pytest.approx(0.6, abs=1e-12)
+    first_block = [layer.targets[n] for n in scores if n.startswith("model.layers.0.")]
+    assert len(set(first_block)) > 1  # matrices of one block differ, unlike the block variant
+    assert layer.targets != block.targets
+
+
+def test_owl_variant_is_an_option_with_choices():
+    assert OwlOptions(variant="layer").variant == "layer"
+    with pytest.raises(ValueError):
+        OwlOptions(variant="row")
 
 
 # ---------------------------------------------------------------------------------- AlphaPruning

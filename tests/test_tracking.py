@@ -19,6 +19,7 @@ from servers import (  # noqa: F401 - the fixture_* are the fixtures moto_server
 )
 
 from tasks import tracking
+from tasks.runs import read_json_artifact
 from tasks.tracking import (
     CAMPAIGN_CONFIG,
     TrackingUnavailable,
@@ -26,7 +27,6 @@ from tasks.tracking import (
     flatten,
     is_secret,
     log_cell,
-    read_json_artifact,
     redact_url,
     start_campaign,
 )

@@ -15,12 +15,24 @@ The rule is data: ``BOS_PER_WINDOW_MODEL_TYPES``, keyed by the model config's ``
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator
 
 from neuroal.errors import UserError
 
-BosPerWindow = Literal["auto", "on", "off"]
 BOS_PER_WINDOW_CHOICES: tuple[str, ...] = ("auto", "on", "off")
+
+
+def _yaml_switch(value):
+    """YAML 1.1 reads a bare ``on``/``off`` as a boolean; take it back as the word."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+# The setting as a config field: auto (the family rule below), on or off, also from YAML's booleans.
+BosPerWindow = Annotated[Literal[BOS_PER_WINDOW_CHOICES], BeforeValidator(_yaml_switch)]
 
 # Model types whose models expect BOS at the start of every sequence (Gemma's tokenizers add it
 # to every text and its attention leans on that position). Add a family here, not an if-chain.

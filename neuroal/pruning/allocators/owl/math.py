@@ -11,7 +11,9 @@ Blocks whose Wanda scores hold more outliers are pruned less. Transcribed from t
 * ``r = (r - min) / (max - min) * 2 * Lamda``; ``r = r - mean(r) + (1 - sparsity)`` is each
   block's density, its sparsity ``1 - r``; a sparsity ``<= 0`` becomes 0.01.
 
-The layer-sequential walk and the mapping to modules live in ``__init__.py`` beside this file.
+The ``layer`` variant (``--owl-variant layer``) takes one matrix as the "block": its own mean, its
+own ratio, its own sparsity. The layer-sequential walk and the mapping to modules live in
+``__init__.py`` beside this file.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from collections.abc import Sequence
 import torch
 
 from neuroal.pruning.allocation import MAX_SPARSITY, MIN_SPARSITY, spread_sparsities  # noqa: F401 - the clamps
-
 
 # Hyper_m of the paper and of the authors' LLaMA scripts (`llama7b_wanda_owll.sh`): an entry is an
 # outlier when it exceeds 5x the block's mean score (the paper's sweep found M in 3..10 robust).
