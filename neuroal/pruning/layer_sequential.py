@@ -12,7 +12,7 @@ from neuroal.models import Matrix, architecture_of, block_matrices, decoder_bloc
 from neuroal.progress import progress
 from neuroal.pruning.methods.wanda import wanda_score
 from neuroal.pruning.statistics import NORMS, InputStats
-from neuroal.replay import capture_block_inputs, observe_inputs, onloaded, run_block
+from neuroal.replay import BlockInputs, capture_block_inputs, observe_inputs, onloaded, run_block
 
 
 @dataclass
@@ -50,13 +50,18 @@ def layer_sequential(
     for index, block in enumerate(progress(blocks, desc=desc)):
         with onloaded(block, device):
             matrices = block_matrices(block)
-            stats: dict[str, InputStats] = {}
-            if inputs is not None:
-                stats = {name: InputStats(kinds) for name in matrices}
-                observe_inputs(block, matrices, inputs, lambda name, x: stats[name].add(x), outputs=False)
+            stats = input_stats(block, matrices, inputs, kinds) if inputs is not None else {}
             yield BlockStep(index, f"{arch.blocks}.{index}", block, matrices, stats)
             if inputs is not None and index + 1 < len(blocks):
                 inputs = run_block(block, inputs)
+
+
+def input_stats(block: nn.Module, matrices: dict[str, Matrix], inputs: BlockInputs,
+                kinds: frozenset[str]) -> dict[str, InputStats]:
+    """The statistics of what each matrix of ``block`` reads from ``inputs``, as the block is now."""
+    stats = {name: InputStats(kinds) for name in matrices}
+    observe_inputs(block, matrices, inputs, lambda name, x: stats[name].add(x), outputs=False)
+    return stats
 
 
 def dense_wanda_scores(model: nn.Module, calibration_ids: torch.Tensor, device: torch.device, batch_size: int,

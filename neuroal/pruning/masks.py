@@ -99,6 +99,20 @@ def mask_from_ranks(ranks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return ranks < counts.unsqueeze(1).to(ranks.dtype)
 
 
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def zero_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Set ``weight`` to +0.0 where ``mask`` is True, in place, every other bit kept: the weight's
+    bits are multiplied, as integers, by the kept flags (``masked_fill_`` gives the same bytes, 5x
+    slower on the CPU, where a search zeroes every matrix once per candidate)."""
+    if weight.is_floating_point():
+        weight.view(_SAME_WIDTH_INT[weight.element_size()]).mul_(~mask)
+    else:
+        weight.masked_fill_(mask, 0)
+    return weight
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """N:M semi-structured mask: in every row, prune the ``n`` lowest of each ``m`` consecutive columns.
 

@@ -2,13 +2,19 @@
 decides *how much* of each module (or row) to prune, and may refine the base method's masks. Each
 lives in its own module (``methods/<name>.py``) or package (``allocators/<name>/``) and is listed
 once in ``registry.py``; configs, the CLI and the pipeline read them from there.
+
+An allocator's lifecycle, each hook optional beside ``allocate`` (docs/architecture.md):
+``prepare`` (a cached pre-stage on the dense model: the campaign's ``prepare`` stage) ->
+``allocate`` -> the pipeline prunes -> ``summary`` (its few decisive numbers, in the manifest and
+MLflow) -> ``figures`` (its plots, beside the checkpoint and in the campaign report). The
+pipeline, the campaign, the manifest and the report call these hooks and never name an allocator.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -93,6 +99,45 @@ class Allocation:
 
 
 @dataclass(frozen=True)
+class Prepare:
+    """A cached pre-stage of an allocator, run once per model and calibration set before any of
+    its cells allocate (NeuroAl's dense-model statistics in dense mode).
+
+    Attributes:
+        needed: ``options -> bool``: whether these options read the stage (so the model is loaded
+            only then).
+        run: ``(inputs, options, stale_before) -> path``: compute the stage's file under
+            ``inputs.cache_dir`` (named by ``inputs.model_digest`` and what else it depends on),
+            or keep a valid one written at or after ``stale_before`` (a POSIX time); ``allocate``
+            then finds it there.
+    """
+
+    needed: Callable[[BaseModel], bool]
+    run: Callable[["AllocationInputs", BaseModel, float], Path]
+
+
+@dataclass(frozen=True)
+class Figures:
+    """An allocator's plots, drawn from its ``Allocation.details`` as kept in ``neuroal.json``.
+
+    Attributes:
+        panel: ``(axes, details) -> None``: a panel beside the block sparsities of the checkpoint's
+            ``allocation.png``.
+        report: ``(cells, path, title) -> bool``: one campaign-report figure per model and base
+            method from the report's cell dicts (``cell["manifest"]["allocation"]`` holds the
+            details); False when no cell has anything to show (nothing written).
+        title: What the report figure shows, e.g. "NeuroAl candidate scores".
+        report_details: ``details -> details``: what of its details the report keeps (drop bulky
+            per-row data).
+    """
+
+    panel: Callable[[Any, dict], None]
+    report: Callable[[list[dict], Path, str], bool]
+    title: str
+    report_details: Callable[[dict], dict] = lambda details: details
+
+
+@dataclass(frozen=True)
 class Allocator:
     """A sparsity allocator (the ``--top-up`` value), plus an optional mask refinement.
 
@@ -108,6 +153,10 @@ class Allocator:
         reads_data: The allocator runs the calibration data itself.
         searches: It reads the search set (the first ``search_nsamples`` calibration windows).
         keeps_structure: Its masks keep an N:M structure (``--structure`` is allowed with it).
+        prepare: Its cached pre-stage, if any (see ``Prepare``).
+        summary: ``details -> dict``: its decisive numbers (NeuroAl's lambdas, ATP's beta), kept as
+            the manifest's ``summary`` and logged to MLflow (numbers as metrics).
+        figures: Its plots, if any (see ``Figures``).
     """
 
     name: str
@@ -120,4 +169,7 @@ class Allocator:
     reads_data: bool = False
     searches: bool = False
     keeps_structure: bool = False
+    prepare: Optional[Prepare] = None
+    summary: Callable[[dict], dict] = lambda details: {}
+    figures: Optional[Figures] = None
 

@@ -1,5 +1,5 @@
 """Wiring: apply a base method (and an allocator's mask refinement) with an allocation, block by
-block."""
+block; and the trial step that searches use to try a candidate on a block and take it back."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ from functools import partial
 from typing import Callable
 
 import torch
-from torch import nn
-
 from pydantic import BaseModel
+from torch import nn
 
 from neuroal.models import Matrix, architecture_of, matrices_by_block
 from neuroal.pruning.layer_sequential import layer_sequential
+from neuroal.pruning.masks import zero_
 from neuroal.pruning.methods.magnitude import METHOD as MAGNITUDE
 from neuroal.pruning.plugin import Allocator, BaseMethod, Structure, Target
 from neuroal.pruning.statistics import InputStats
+from neuroal.replay import BlockInputs, Observed, observe_inputs, run_block
 
 logger = logging.getLogger(__name__)
 
@@ -54,22 +55,57 @@ def prune_model(
 @torch.no_grad()
 def prune_matrix(matrix: Matrix, method: BaseMethod, stats: InputStats | None, target: Target,
                  structure: Structure = None, refine: Callable | None = None) -> bool:
-    """Prune one matrix in place: the method's mask (and, for SparseGPT, its updated weights), then
-    ``refine(weight, mask, stats, structure) -> mask`` if given; regrown weights keep their dense value.
+    """Prune one matrix in place (``pruned_weight``, then ``apply_pruning``).
 
     Returns False when the matrix's statistics hold no token (an expert the router never chose):
     it is pruned by magnitude instead, the one method that needs no data.
     """
-    method, stats, reached = method_for(method, stats)
-    original = matrix.weight
-    weight, mask = method.prune(original, stats, target, structure)
-    if refine is not None and reached:
-        base_mask, mask = mask, refine(original, mask, stats, structure)
-        weight = torch.where(base_mask & ~mask, original, weight)
-    if weight is not original:
-        original.copy_(weight)
-    original.masked_fill_(mask, 0)
+    weight, mask, reached = pruned_weight(matrix.weight, method, stats, target, structure, refine)
+    apply_pruning(matrix, weight, mask)
     return reached
+
+
+def pruned_weight(weight: torch.Tensor, method: BaseMethod, stats: InputStats | None, target: Target,
+                  structure: Structure = None, refine: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(new weight, prune mask, reached)``: the method's mask (and, for SparseGPT, its updated
+    weights), then ``refine(weight, mask, stats, structure) -> mask`` if given, regrown weights with
+    their dense value; magnitude where the statistics saw no token (``reached`` False)."""
+    method, stats, reached = method_for(method, stats)
+    new, mask = method.prune(weight, stats, target, structure)
+    if refine is not None and reached:
+        base_mask, mask = mask, refine(weight, mask, stats, structure)
+        new = torch.where(base_mask & ~mask, weight, new)
+    return new, mask, reached
+
+
+def apply_pruning(matrix: Matrix, weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Write a pruned weight into ``matrix`` in place: its new values, zeros (+0.0) where masked."""
+    if weight is not matrix.weight:
+        matrix.weight.copy_(weight)
+    zero_(matrix.weight, mask)
+
+
+Pruner = Callable[[str, Matrix], tuple[torch.Tensor, torch.Tensor]]  # (name, matrix) -> (weight, prune mask)
+
+
+@torch.no_grad()
+def trial_block(block: nn.Module, matrices: dict[str, Matrix], inputs: BlockInputs, prune: Pruner,
+                observe: Callable[[str, Observed], None] | None = None) -> BlockInputs:
+    """Try a candidate on one block: prune each matrix as ``prune`` says, run the block on
+    ``inputs`` (calling ``observe(name, x)`` with what each matrix reads), and give the block its
+    dense weights back. Returns the block's outputs: the next block's inputs under this candidate.
+
+    The one trial step of every search that prunes layer-sequentially (NeuroAl's block and row
+    steps, ATP's beta): the model is left as it was, and only one block's dense copy is held.
+    """
+    dense = {name: m.weight.clone() for name, m in matrices.items()}
+    try:
+        for name, m in matrices.items():
+            apply_pruning(m, *prune(name, m))
+        return run_block(block, inputs) if observe is None else observe_inputs(block, matrices, inputs, observe)
+    finally:
+        for name, m in matrices.items():
+            m.weight.copy_(dense[name])
 
 
 def method_for(method: BaseMethod, stats: InputStats | None) -> tuple[BaseMethod, InputStats | None, bool]:

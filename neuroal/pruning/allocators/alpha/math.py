@@ -25,7 +25,6 @@ from collections.abc import Sequence
 
 import torch
 
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["alpha_peak", "alpha_ratios", "alpha_sparsities", "block_alpha"]

@@ -5,9 +5,9 @@ perplexity of the pruned model on the calibration windows (the authors score on 
 test split; an allocator sees only the calibration data). The math is in ``math.py``.
 
 Per candidate, one pass: block 0's inputs are captured once for the whole search; each block is
-measured, pruned, run, and has its dense weights back as soon as its outputs are computed (as in
-NeuroAl's search), so the model is left as it was and only one block's copy is held. The model's
-head then scores the last block's outputs.
+measured, then tried pruned (``prune.trial_block``, the trial step NeuroAl's search uses too), so
+the model is left as it was and only one block's copy is held. The model's head then scores the
+last block's outputs.
 """
 
 from __future__ import annotations
@@ -21,22 +21,14 @@ from torch import nn
 
 from neuroal.errors import UserError
 from neuroal.evaluation.perplexity import next_token_loss, rows_within_logits_budget
-from neuroal.models import Matrix, block_matrices, decoder_blocks, matrices_by_block
+from neuroal.models import block_matrices, decoder_blocks, matrices_by_block
 from neuroal.progress import progress
 from neuroal.pruning.allocation import at_target_by_weight, expand_to_modules
 from neuroal.pruning.allocators.atp.math import DEFAULT_STEP, atp_sparsities, best_beta, beta_grid, max_beta
+from neuroal.pruning.layer_sequential import input_stats
 from neuroal.pruning.plugin import Allocation, AllocationInputs, Allocator, BaseMethod
-from neuroal.pruning.prune import prune_matrix
-from neuroal.pruning.statistics import InputStats
-from neuroal.replay import (
-    BlockInputs,
-    capture_block_inputs,
-    observe_inputs,
-    onloaded,
-    onloaded_except_blocks,
-    run_block,
-    shadowed_forwards,
-)
+from neuroal.pruning.prune import pruned_weight, trial_block
+from neuroal.replay import BlockInputs, capture_block_inputs, onloaded, onloaded_except_blocks, shadowed_forwards
 
 logger = logging.getLogger(__name__)
 
@@ -149,25 +141,10 @@ def pruned_outputs(blocks: nn.ModuleList, inputs: BlockInputs, method: BaseMetho
     for block, sparsity in zip(blocks, sparsities):
         with onloaded(block, device):
             matrices = block_matrices(block)
-            dense = {name: m.weight.detach().clone() for name, m in matrices.items()}
-            try:
-                _prune_block(block, matrices, inputs, method, sparsity)
-                inputs = run_block(block, inputs)
-            finally:
-                for name, m in matrices.items():
-                    m.weight.copy_(dense[name])
+            stats = input_stats(block, matrices, inputs, method.statistics) if method.statistics else {}
+            inputs = trial_block(block, matrices, inputs,
+                                 lambda name, m: pruned_weight(m.weight, method, stats.get(name), sparsity)[:2])
     return inputs.hidden
-
-
-def _prune_block(block: nn.Module, matrices: dict[str, Matrix], inputs: BlockInputs, method: BaseMethod,
-                 sparsity: float) -> None:
-    """Prune one block in place with the statistics of its inputs, as ``prune_model`` does."""
-    stats: dict[str, InputStats] = {}
-    if method.statistics:
-        stats = {name: InputStats(method.statistics) for name in matrices}
-        observe_inputs(block, matrices, inputs, lambda name, x: stats[name].add(x), outputs=False)
-    for name, m in matrices.items():
-        prune_matrix(m, method, stats.get(name), sparsity)
 
 
 @torch.no_grad()

@@ -26,7 +26,6 @@ import torch
 
 from neuroal.pruning.allocation import MAX_SPARSITY, MIN_SPARSITY, spread_sparsities  # noqa: F401 - the clamps
 
-
 __all__ = ["STRATEGIES", "block_importance", "block_unimportance", "dlp_sparsities"]
 
 # `--alpha` default of the authors' main.py: block sparsities span [s - 0.15, s + 0.15] (their

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,7 @@ from neuroal.digests import json_digest, tensors_digest
 from neuroal.environment import compute_environment
 from neuroal.models import Architecture, architecture_of, block_matrices, decoder_blocks
 from neuroal.progress import progress
+from neuroal.pruning.allocation import at_target_by_weight
 from neuroal.pruning.allocators.neuroal.math import (
     ROW_LAMBDAS,
     alignment_distance,
@@ -36,10 +38,10 @@ from neuroal.pruning.allocators.neuroal.math import (
     row_sparsities,
 )
 from neuroal.pruning.allocators.neuroal.strategies import STRATEGIES
-from neuroal.pruning.allocation import at_target_by_weight
+from neuroal.pruning.layer_sequential import input_stats
 from neuroal.pruning.masks import mask_from_ranks, prune_counts, row_ranks
 from neuroal.pruning.plugin import BaseMethod, Target
-from neuroal.pruning.prune import method_for
+from neuroal.pruning.prune import method_for, trial_block
 from neuroal.pruning.statistics import NORMS, InputStats, load_stats, save_stats
 from neuroal.replay import BlockInputs, capture_block_inputs, observe_inputs, onloaded
 
@@ -216,7 +218,7 @@ class _Search:
         self.inputs = capture_block_inputs(model, self.blocks, search_ids, device, batch_size)
         self.reference_stats: dict[int, dict[str, InputStats]] = {}  # block 0 in reference mode
         self.dense_stats: list[dict[str, InputStats]] = []
-        self.ranks: dict[tuple[int, str], torch.Tensor] = {}  # dense mode: fixed scores, ranked once
+        self.ranks: dict[tuple[int, str], torch.Tensor] = {}  # fixed scores, ranked once (see _pruned)
         if mode == "dense":
             cached = load_stats(dense_cache, self.kinds, device) if dense_cache else None
             self.dense_stats = cached or self._dense_pass()
@@ -269,16 +271,9 @@ class _Search:
             with onloaded(block, self.device):
                 matrices = block_matrices(block)
                 dense = self._dense_block_stats(index, block, matrices, inputs)
-                saved = {n: m.weight.detach().clone() for n, m in matrices.items()}
-                for name, m in matrices.items():
-                    weight, mask = self._prune_weight(index, name, m.weight, dense[name], targets[index][name])
-                    if weight is not m.weight:  # SparseGPT also updates the weights it keeps
-                        m.weight.copy_(weight)
-                    m.weight.masked_fill_(mask, 0)
                 sparse = {n: InputStats(frozenset((NORMS,))) for n in matrices}
-                inputs = observe_inputs(block, matrices, inputs, lambda n, x: sparse[n].add(x))
-                for name, m in matrices.items():
-                    m.weight.copy_(saved[name])
+                prune = partial(self._pruned, index, dense, targets[index])
+                inputs = trial_block(block, matrices, inputs, prune, observe=lambda n, x: sparse[n].add(x))
             block_deltas = {}
             for name in matrices:
                 a_dense, a_sparse = dense[name].norms(), sparse[name].norms()
@@ -302,21 +297,25 @@ class _Search:
             return self.dense_stats[index]
         if index == 0 and 0 in self.reference_stats:  # block 0 always sees the same inputs
             return self.reference_stats[0]
-        stats = {n: InputStats(self.kinds) for n in matrices}
-        observe_inputs(block, matrices, inputs, lambda n, x: stats[n].add(x), outputs=False)
+        stats = input_stats(block, matrices, inputs, self.kinds)
         if index == 0:
             self.reference_stats[0] = stats
         return stats
 
-    def _prune_weight(self, index, name, weight, stats, target):
-        method, stats, _ = method_for(self.method, stats)  # magnitude for an expert no token reached
-        if self.mode == "dense" and method.score is not None:
-            key = (index, name)
-            if key not in self.ranks:
-                self.ranks[key] = row_ranks(method.score(weight, stats))
-            ranks = self.ranks[key]
-            return weight, mask_from_ranks(ranks, prune_counts(ranks.shape, target, ranks.device))
-        return method.prune(weight, stats, target, None)
+    def _pruned(self, index: int, stats: dict[str, InputStats], targets: dict[str, Target], name: str,
+                matrix) -> tuple[torch.Tensor, torch.Tensor]:
+        """A candidate's weight and mask for one matrix. Where the statistics are the same for every
+        candidate (every block in dense mode, block 0 in reference mode) a score-based method's
+        scores are ranked once, and each candidate's mask is a comparison with its counts."""
+        weight, target = matrix.weight, targets[name]
+        method, stats, _ = method_for(self.method, stats[name])  # magnitude for an expert no token reached
+        if method.score is None or not (self.mode == "dense" or index == 0):
+            return method.prune(weight, stats, target, None)
+        key = (index, name)
+        if key not in self.ranks:
+            self.ranks[key] = row_ranks(method.score(weight, stats))
+        ranks = self.ranks[key]
+        return weight, mask_from_ranks(ranks, prune_counts(ranks.shape, target, ranks.device))
 
     def _dense_pass(self) -> list[dict[str, InputStats]]:
         """Statistics of the fully dense model on the search set, block by block."""
