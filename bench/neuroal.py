@@ -35,7 +35,7 @@ def run_cell(config: PruneConfig, windows: dict[str, torch.Tensor]) -> dict:
         seconds = time.perf_counter() - start
     device = torch.device(manifest.device)
     ppl = {corpus: perplexity(model.to(device), w, device) for corpus, w in windows.items()}
-    return {"seconds": seconds, "timings": manifest.timings, "lambdas": manifest.lambdas, "ppl": ppl,
+    return {"seconds": seconds, "timings": manifest.timings, "summary": manifest.summary, "ppl": ppl,
             "achieved": manifest.achieved_sparsity}
 
 
@@ -81,10 +81,10 @@ def main() -> None:
 
 
 def _line(row: dict, uniform_seconds: float) -> str:
-    lam = row["lambdas"] or {}
+    lam = row["summary"]
     t = row["timings"]
     ppl = " ".join(f"{c} {v:8.2f}" for c, v in row["ppl"].items())
-    return (f"| {row['sparsity']:.0%} | {row['top_up']:26s} | block {lam.get('block', '-')!s:5} row {lam.get('row', '-')!s:5}"
+    return (f"| {row['sparsity']:.0%} | {row['top_up']:26s} | block {lam.get('block_lambda', '-')!s:5} row {lam.get('row_lambda', '-')!s:5}"
             f" | search {t['allocate']:7.1f} s | prune {t['prune']:6.1f} s | total {row['seconds']:7.1f} s"
             f" | x{row['seconds'] / uniform_seconds:4.2f} | {ppl} |")
 

@@ -23,8 +23,8 @@ from prefect.states import State
 
 from flows.prune_cell import cell_metrics, prune_cell
 from neuroal.config import CampaignConfig
-from neuroal.files import write_json_atomic
 from neuroal.environment import device_kind, library_versions
+from neuroal.files import write_json_atomic
 from neuroal.models import resolve_device, resolve_model
 from neuroal.report import comparison_table
 from tasks import cells
@@ -140,7 +140,7 @@ def _baseline(model: str, config: CampaignConfig, parent: str | None, refresh: c
     """The dense model evaluated like the cells, as its own MLflow run (when tracked)."""
     name, evaluation, out = f"{cells.model_slug(model)}-dense", config.eval, Path(config.campaign.out)
     source = resolve_model(model)
-    metrics = cells.metrics(model, evaluation, out / "metrics" / f"{name}.json", name, source.digest,
+    metrics = cells.evaluate(model, evaluation, out / "metrics" / f"{name}.json", name, source.digest,
                             trust_remote_code=config.prune.trust_remote_code,
                             allow_pickle=config.prune.allow_pickle, refresh=refresh)
     if parent:

@@ -1,5 +1,5 @@
-"""One cell of a campaign: calibration -> dense activations -> allocation -> prune -> lineage form ->
-evaluate -> version (DVC tracks the lineage form, pushed to the remote when one is set) -> track
+"""One cell of a campaign: calibration -> prepare (the allocator's cached pre-stage) -> allocate ->
+prune -> lineage form -> evaluate -> version (DVC tracks the lineage form, pushed to the remote when one is set) -> track
 (MLflow). Also the deployment entry point of a Prefect work pool, so each step runs on the
 worker's machine."""
 
@@ -14,8 +14,8 @@ from neuroal.checkpoint import Manifest
 from neuroal.config import CampaignSettings, EvalConfig, PruneConfig
 from neuroal.pipeline import Plan
 from tasks import cells
-from tasks.tracking import flatten, log_cell
 from tasks.lineage import DVC_REMOTE_TAG
+from tasks.tracking import flatten, log_cell
 from tasks.versioning import dvc_file, dvc_push, dvc_track, git_revision, remote_url
 
 
@@ -40,14 +40,13 @@ def prune_cell(cell: PruneConfig, evaluation: EvalConfig, settings: CampaignSett
     out, name = Path(settings.out), cells.cell_name(cell)
     cache = out / "cache"
     plan = Plan.of(cell)  # resolved once; every task gets it
-    calibration = cells.calibration_windows(plan, cache, refresh)
-    cells.dense_activations(plan, calibration, cache, refresh)
-    allocation = cells.allocation(plan, calibration, cache, refresh)
+    calibration = cells.calibration(plan, cache, refresh)
+    cells.prepare(plan, calibration, cache, refresh)
+    allocation = cells.allocate(plan, calibration, cache, refresh)
     # The full folder stays local (git-ignored, evaluated); DVC tracks its compact lineage form.
-    checkpoint = cells.checkpoint(plan, calibration, allocation, out / "checkpoints" / name, out / "lineage" / name,
-                                  refresh)
-    lineage = cells.lineage_form(plan, checkpoint, out / "lineage" / name)
-    metrics = cells.metrics(checkpoint.path, evaluation, out / "metrics" / f"{name}.json", name, checkpoint.digest,
+    checkpoint = cells.prune(plan, calibration, allocation, out / "checkpoints" / name, out / "lineage" / name, refresh)
+    lineage = cells.lineage(plan, checkpoint, out / "lineage" / name)
+    metrics = cells.evaluate(checkpoint.path, evaluation, out / "metrics" / f"{name}.json", name, checkpoint.digest,
                             trust_remote_code=cell.trust_remote_code, refresh=refresh)
     summary = {"name": name, "model": cell.model, "method": cell.method, "top_up": cell.top_up,
                "sparsity": cell.sparsity, "checkpoint": checkpoint.path, "lineage": lineage, "metrics": metrics,
@@ -74,12 +73,17 @@ def prune_cell(cell: PruneConfig, evaluation: EvalConfig, settings: CampaignSett
 
 def cell_metrics(metrics: dict) -> dict:
     """What MLflow plots of a cell or dense baseline: perplexities, accuracies, achieved sparsity,
-    lambdas, stage times, and whether windows started with BOS (1) or not (0)."""
+    the allocator's summary (its numbers: NeuroAl's lambdas, ATP's beta), stage times, and whether
+    windows started with BOS (1) or not (0)."""
     manifest = Manifest.model_validate(metrics["checkpoint"]) if metrics.get("checkpoint") else None
     calibration = manifest.calibration if manifest else None
     bos = {"eval": metrics.get("bos_per_window"), "calibration": calibration.bos_per_window if calibration else None}
     return {"ppl": metrics["ppl"], "tasks": metrics["tasks"],
             "achieved_sparsity": manifest.achieved_sparsity if manifest else None,
-            "lambdas": (manifest.lambdas if manifest else None) or {},
+            "summary": {k: v for k, v in (manifest.summary if manifest else {}).items() if _is_number(v)},
             "bos_per_window": {k: int(v) for k, v in bos.items() if v is not None},
             "time": {**(manifest.timings if manifest else {}), **{f"eval.{k}": v for k, v in metrics["timings"].items()}}}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -24,13 +24,13 @@ from neuroal.config import GRID_AXES, CampaignConfig
 from neuroal.errors import UserError
 from neuroal.files import staged_folder
 from neuroal.history import DEFAULT_HISTORY, regressions
-from neuroal.pruning.registry import ALLOCATORS
 from neuroal.plots import (
     plot_block_sparsity_profiles,
     plot_history,
-    plot_neuroal_candidates,
     plot_perplexity_vs_sparsity,
 )
+from neuroal.pruning.plugin import Figures
+from neuroal.pruning.registry import ALLOCATORS
 from neuroal.report import markdown_to_html, render_markdown
 from tasks.cells import grid_cell_name, model_slug
 from tasks.runs import experiment_runs, read_json_artifact
@@ -209,9 +209,10 @@ def _manifest_summary(logged: dict | None) -> dict | None:
     if not logged:
         return None
     manifest = Manifest.model_validate(logged)
-    search = manifest.allocation.get("neuroal") or {}
+    figures = ALLOCATORS[manifest.top_up].figures if manifest.top_up in ALLOCATORS else None
     return {"target_sparsity": manifest.target_sparsity, "block_sparsity": manifest.block_sparsity,
-            "module_sparsity": manifest.module_sparsity, "allocation": {"neuroal": {k: v for k, v in search.items() if k != "row_sparsities"}} if search else {}}
+            "module_sparsity": manifest.module_sparsity, "summary": manifest.summary,
+            "allocation": figures.report_details(manifest.allocation) if figures else {}}
 
 
 def _write_files(report: dict, folder: Path) -> None:
@@ -239,13 +240,20 @@ def _plot_figures(report: dict, folder: Path) -> list[dict]:
             ("perplexity", "perplexity against sparsity",
              partial(plot_perplexity_vs_sparsity, cells, baselines, report["corpora"])),
             ("block-sparsity", "achieved sparsity per decoder block", partial(plot_block_sparsity_profiles, cells)),
-            ("neuroal-candidates", "NeuroAl candidate scores", partial(plot_neuroal_candidates, cells)),
+            *[(name, figures.title, partial(figures.report, [c for c in cells if c["top_up"] == name]))
+              for name, figures in _allocator_figures(cells)],
         ]
         for kind, what, plot in plots:
             file, title = f"{model_slug(model)}-{method}-{kind}.png", f"{model}, {method}: {what}"
             if plot(folder / file, title):
                 figures.append({"model": model, "title": title, "file": file})
     return figures
+
+
+def _allocator_figures(cells: list[dict]) -> list[tuple[str, Figures]]:
+    """The figures of the allocators these cells ran (``Allocator.figures``), by allocator name."""
+    names = dict.fromkeys(c["top_up"] for c in cells)
+    return [(name, ALLOCATORS[name].figures) for name in names if name in ALLOCATORS and ALLOCATORS[name].figures]
 
 
 def _float(text: str | None) -> float | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from neuroal.digests import file_digest, pickle_weight_files, weight_files
 from neuroal.errors import UserError
@@ -49,14 +49,15 @@ class Manifest(_Record):
 
     Attributes:
         source: The dense model.
-        method, top_up, mode, structure: How it was pruned (``mode``: NeuroAl's, else None).
+        method, top_up, structure: How it was pruned.
         target_sparsity, achieved_sparsity: Over every prunable weight (every linear's and every
             expert's of the decoder blocks); the achieved one counted from the weights.
         block_sparsity: Achieved sparsity of each decoder block, counted over all its weights.
         module_sparsity: Achieved sparsity per prunable matrix, by full name (an expert's:
             ``...mlp.experts.down_proj.<expert>``).
         unreached_experts: Experts that no calibration token reached, pruned by magnitude.
-        lambdas: NeuroAl's chosen ``block`` and ``row`` lambdas (None for other allocators).
+        summary: The allocator's decisive numbers (``Allocator.summary``: NeuroAl's
+            ``block_lambda``/``row_lambda``, ATP's ``beta``, OWL's ``variant``); empty for others.
         allocation: What the allocator found (its own keys: OWL's ratios, NeuroAl's search, ...).
         calibration: The calibration windows (None when the cell read no data).
         seed, config: The seed and the whole cell config (``PruneConfig.model_dump``).
@@ -71,14 +72,13 @@ class Manifest(_Record):
     source: SourceRecord
     method: str
     top_up: str
-    mode: Optional[str] = None
     structure: str = "unstructured"
     target_sparsity: float
     achieved_sparsity: float
     block_sparsity: list[float] = []
     module_sparsity: dict[str, float]
     unreached_experts: list[str] = []
-    lambdas: Optional[dict[str, Optional[float]]] = None
+    summary: dict = {}
     allocation: dict = {}
     calibration: Optional[CalibrationRecord] = None
     seed: int
@@ -91,6 +91,20 @@ class Manifest(_Record):
     results_version: int
     timings: dict[str, float]
     files: dict[str, str] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _before_summaries(cls, data):
+        """Manifests written before allocators summarised themselves kept NeuroAl's ``mode`` and
+        ``lambdas`` as fields of their own; they read as that summary."""
+        if not isinstance(data, dict) or not {"mode", "lambdas"} & data.keys():
+            return data
+        data = dict(data)
+        lambdas, mode = data.pop("lambdas", None) or {}, data.pop("mode", None)
+        if lambdas:
+            data.setdefault("summary", {"block_lambda": lambdas.get("block"), "row_lambda": lambdas.get("row"),
+                                        "mode": mode})
+        return data
 
 
 def save_checkpoint(model, tokenizer, manifest: Manifest, out: Path, overwrite: bool = False, extras=None) -> Manifest:

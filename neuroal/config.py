@@ -83,7 +83,7 @@ def _item(error: dict) -> str:
 # Campaign grid axes: lists in ``PruneGrid`` (params.yaml may give one value); a cell takes one of each.
 GRID_AXES = ("model", "method", "top_up", "sparsity")
 # A campaign cell's cached stages, named as its tasks are (``campaign.refresh`` recomputes them).
-Stage = Literal["calibration", "dense-activations", "allocate", "prune", "evaluate"]
+Stage = Literal["calibration", "prepare", "allocate", "prune", "evaluate"]
 
 
 class EvalConfig(BaseModel):

@@ -50,7 +50,6 @@ from neuroal.pruning import (
     prune_model,
     sparsity_report,
 )
-from neuroal.pruning.allocators.neuroal import cache_dense_statistics, dense_cache_file
 from neuroal.pruning.masks import parse_structure
 from neuroal.pruning.plugin import Structure
 from neuroal.timing import timed
@@ -78,15 +77,16 @@ class Plan:
     def of(cls, config: PruneConfig, source: ModelSource | None = None) -> "Plan":
         """Check and resolve ``config`` (``source``: its model already resolved)."""
         method, chosen = base_method(config.method), allocator(config.top_up)
+        options = config.allocator_options()
         structure = _check_structure(config, chosen)
         reads_data = needs_calibration(method, chosen)
         if reads_data:
             get_corpus(config.calib)  # an unknown corpus fails before the model is loaded
-        if chosen.searches and config.search_nsamples > config.nsamples:
+        if chosen.searches(options) and config.search_nsamples > config.nsamples:
             raise UserError(f"--search-nsamples {config.search_nsamples} exceeds --nsamples {config.nsamples}; "
                             "the search set is the first windows of the calibration set")
         device = resolve_device(config.device)
-        return cls(config, source or resolve_model(config.model), method, chosen, config.allocator_options(), structure,
+        return cls(config, source or resolve_model(config.model), method, chosen, options, structure,
                    reads_data, device, resolve_dtype(config.dtype, device))
 
     def load(self):
@@ -105,18 +105,23 @@ class Plan:
 
     def allocate(self, model, calibration: CalibrationSet | None, activation_cache: Path | None) -> Allocation:
         """Run the allocator on the loaded dense ``model``; the result records how long it took."""
-        c = self.config
-        torch.manual_seed(c.seed)
-        inputs = AllocationInputs(
-            model, prunable_matrices(model), c.sparsity, self.method, self.device, c.batch_size,
-            calibration_ids=calibration.input_ids if calibration else None,
-            search_ids=calibration.search_set(c.search_nsamples) if self.allocator.searches else None,
-            cache_dir=activation_cache or cache_dir("activations"), model_digest=self.source.digest,
-        )
+        torch.manual_seed(self.config.seed)
+        inputs = self.allocation_inputs(model, calibration, activation_cache)
         start = time.perf_counter()
         allocation = self.allocator.allocate(inputs, self.options)
         allocation.seconds = round(time.perf_counter() - start, 3)
         return allocation
+
+    def allocation_inputs(self, model, calibration: CalibrationSet | None, cache: Path | None) -> AllocationInputs:
+        """What the allocator's hooks see: the dense model, the cell's target and data, and ``cache``
+        (default: the neuroal cache's ``activations``) for what they keep across runs."""
+        c = self.config
+        return AllocationInputs(
+            model, prunable_matrices(model), c.sparsity, self.method, self.device, c.batch_size,
+            calibration_ids=calibration.input_ids if calibration else None,
+            search_ids=calibration.search_set(c.search_nsamples) if self.allocator.searches(self.options) else None,
+            cache_dir=cache or cache_dir("activations"), model_digest=self.source.digest,
+        )
 
 
 def check_config(config: PruneConfig, source: ModelSource | None = None) -> Plan:
@@ -156,7 +161,8 @@ def prune_to_checkpoint(plan: Plan, out: Path, overwrite: bool = False, *,
     model, tokenizer, manifest = prune_in_memory(plan, calibration=calibration, allocation=allocation,
                                                  activation_cache=activation_cache)
     manifest = _cast_for_saving(model, manifest, plan)
-    plot = {ALLOCATION_PNG: lambda path: plot_allocation(manifest, path)}
+    figures = plan.allocator.figures
+    plot = {ALLOCATION_PNG: lambda path: plot_allocation(manifest, path, figures.panel if figures else None)}
     return save_checkpoint(model, tokenizer, manifest, out, overwrite=overwrite, extras=plot)
 
 
@@ -208,18 +214,15 @@ def allocate(plan: Plan, calibration: CalibrationSet | None, activation_cache: P
     return plan.allocate(model, calibration, activation_cache)
 
 
-def cache_dense_activations(plan: Plan, calibration: CalibrationSet, folder: Path,
-                            stale_before: float = 0.0) -> Path | None:
-    """The dense-activation stage: the fully dense model's statistics on the search set, kept in
-    ``folder`` for every dense-mode NeuroAl search on this model and search set (recomputed when
-    written before ``stale_before``, a POSIX time). None when the cell does not search in dense mode."""
-    if not (plan.allocator.searches and getattr(plan.options, "mode", None) == "dense"):
+def prepare(plan: Plan, calibration: CalibrationSet | None, folder: Path, stale_before: float = 0.0) -> Path | None:
+    """The allocator's cached pre-stage (``Allocator.prepare``: NeuroAl's dense statistics in dense
+    mode), kept in ``folder`` for every later allocation on this model and data (recomputed when
+    written before ``stale_before``, a POSIX time). None when the allocator has none for its options."""
+    stage = plan.allocator.prepare
+    if stage is None or not stage.needed(plan.options):
         return None
     model, _ = plan.load()
-    search_ids = calibration.search_set(plan.config.search_nsamples)
-    cache = dense_cache_file(folder, plan.source.digest, plan.method, search_ids, model, plan.device)
-    return cache_dense_statistics(model, plan.method, search_ids, plan.device, cache, plan.config.batch_size,
-                                  stale_before)
+    return stage.run(plan.allocation_inputs(model, calibration, folder), plan.options, stale_before)
 
 
 def prune_in_memory(plan: Plan, *, calibration: CalibrationSet | None = None, allocation: Allocation | None = None,
@@ -255,14 +258,13 @@ def prune_in_memory(plan: Plan, *, calibration: CalibrationSet | None = None, al
         source=SourceRecord(**plan.source.to_dict()),
         method=config.method,
         top_up=config.top_up,
-        mode=config.neuroal_mode if config.top_up == "neuroal" else None,
         structure=config.structure,
         target_sparsity=config.sparsity,
         achieved_sparsity=report["achieved"],
         block_sparsity=report["blocks"],
         module_sparsity=report["modules"],
         unreached_experts=unreached,
-        lambdas=_lambdas(allocation.details),
+        summary=plan.allocator.summary(allocation.details),
         allocation=allocation.details,
         calibration=calibrated,
         seed=config.seed,
@@ -275,12 +277,6 @@ def prune_in_memory(plan: Plan, *, calibration: CalibrationSet | None = None, al
         timings=timings,
     )
     return model, tokenizer, manifest
-
-
-def _lambdas(details: dict) -> dict | None:
-    """NeuroAl's chosen lambdas (None for other top-ups)."""
-    search = details.get("neuroal")
-    return {"block": search["block_lambda"], "row": search["row_lambda"]} if search else None
 
 
 def _check_structure(config: PruneConfig, chosen: Allocator) -> Structure:

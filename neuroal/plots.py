@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from neuroal.checkpoint import Manifest
 from neuroal.metrics import mean_accuracy
@@ -26,15 +28,11 @@ def block_sparsity(manifest: dict) -> list[float]:
     return [sum(v) / len(v) for _, v in sorted(blocks.items())]
 
 
-def plot_allocation(manifest: Manifest, path: Path) -> None:
-    """Per-block sparsity, and for NeuroAl the score of every candidate lambda, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
-
-    search = manifest.allocation.get("neuroal")
-    fig, axes = plt.subplots(1, 2 if search else 1, figsize=(11 if search else 6, 3.6), squeeze=False)
+def plot_allocation(manifest: Manifest, path: Path, panel: Callable[[Any, dict], None] | None = None) -> None:
+    """Per-block sparsity as one PNG, and beside it the allocator's own ``panel`` (``Figures.panel``:
+    NeuroAl's candidate scores) drawn from its details."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2 if panel else 1, figsize=(11 if panel else 6, 3.6), squeeze=False)
     ax = axes[0][0]
     sparsities = block_sparsity(manifest.model_dump())
     ax.bar(range(len(sparsities)), sparsities, color="#4C72B0")
@@ -42,14 +40,8 @@ def plot_allocation(manifest: Manifest, path: Path) -> None:
     ax.set(xlabel="decoder block", ylabel="achieved sparsity", title=f"{manifest.method} + {manifest.top_up}")
     ax.set_ylim(max(0.0, min(sparsities) - 0.1), min(1.0, max(sparsities) + 0.1))
     ax.legend(loc="lower right")
-    if search:
-        ax = axes[0][1]
-        for step, marker in (("block", "o"), ("row", "s")):
-            scores = {float(k): v for k, v in search[f"{step}_scores"].items()}
-            if scores:
-                ax.plot(list(scores), list(scores.values()), marker=marker, label=f"{step} (chose {search[f'{step}_lambda']})")
-        ax.set(xlabel="lambda", ylabel="alignment score (lower is better)", title="NeuroAl candidates")
-        ax.legend()
+    if panel:
+        panel(axes[0][1], manifest.allocation)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -70,7 +62,7 @@ def plot_perplexity_vs_sparsity(cells: list[dict], baselines: list[dict], corpor
     corpora = [k for k in corpora if any(k in (c["metrics"].get("ppl") or {}) for c in done)]
     if not corpora:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(corpora), figsize=(5.2 * len(corpora), 3.8), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):
         for top_up, mine in _by_top_up(done).items():
@@ -87,7 +79,7 @@ def plot_perplexity_vs_sparsity(cells: list[dict], baselines: list[dict], corpor
         ax.set(xlabel="target sparsity", ylabel=f"perplexity on {corpus} (log)", title=corpus)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 def plot_history(history: list[dict], model: str, corpora: list[str], path: Path, title: str) -> bool:
@@ -112,7 +104,7 @@ def plot_history(history: list[dict], model: str, corpora: list[str], path: Path
         panels.append(("mean accuracy", mean_accuracy))
     cells = [s["cell"] for s in series.values() if s["cell"].get("top_up")]
     sparsities = sorted({c["sparsity"] for c in cells})
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
     for ax, (what, value) in zip(axes[0], panels):
         for s in series.values():
@@ -136,7 +128,7 @@ def plot_history(history: list[dict], model: str, corpora: list[str], path: Path
                ylabel="mean zero-shot accuracy" if what == "mean accuracy" else f"perplexity on {what} (log)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 _SPARSITY_STYLES = ["-", ":", "-.", (0, (5, 2))]  # by the rank of a cell's sparsity
@@ -153,7 +145,7 @@ def plot_block_sparsity_profiles(cells: list[dict], path: Path, title: str) -> b
     sparsities = sorted({c["sparsity"] for c in done})
     if not sparsities:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(sparsities), figsize=(5.2 * len(sparsities), 3.6), squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
         for top_up, mine in _by_top_up([c for c in done if c["sparsity"] == sparsity]).items():
@@ -163,53 +155,7 @@ def plot_block_sparsity_profiles(cells: list[dict], path: Path, title: str) -> b
         ax.set(xlabel="decoder block", ylabel="achieved sparsity", title=f"target {sparsity:.0%}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path, title)
-
-
-def plot_neuroal_candidates(cells: list[dict], path: Path, title: str) -> bool:
-    """NeuroAl's candidate scores against lambda: a row per target sparsity, the block and row
-    steps side by side, the chosen lambda starred. A candidate stopped early is hollow: its score
-    is the partial sum at which it had already lost (a lower bound). Returns False (and writes
-    nothing) when no cell holds a NeuroAl search."""
-    searches = sorted((c["sparsity"], s) for c in cells if (s := _neuroal_search(c)))
-    if not searches:
-        return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(searches), 2, figsize=(10.4, 3.2 * len(searches)), squeeze=False)
-    for row, (sparsity, search) in zip(axes, searches):
-        for ax, step in zip(row, ("block", "row")):
-            _plot_candidates(ax, search, step)
-            ax.set(xlabel=f"{step} lambda", ylabel="alignment score (lower is better)",
-                   title=f"{step} step, target {sparsity:.0%}")
-    return _save(fig, path, title)
-
-
-def _plot_candidates(ax, search: dict, step: str) -> None:
-    scores = sorted((float(k), v) for k, v in (search.get(f"{step}_scores") or {}).items())
-    if not scores:
-        ax.text(0.5, 0.5, f"no {step} step", ha="center", va="center", transform=ax.transAxes)
-        return
-    stopped = {float(x) for x in search.get(f"{step}_stopped_early") or []}
-    full = [(lam, score) for lam, score in scores if lam not in stopped]
-    partial = [(lam, score) for lam, score in scores if lam in stopped]
-    ax.plot(*zip(*scores), color="#4C72B0", lw=1, alpha=0.5)
-    if full:
-        ax.plot(*zip(*full), ls="", marker="o", color="#4C72B0", label="scored")
-    if partial:
-        ax.plot(*zip(*partial), ls="", marker="o", mfc="white", color="#4C72B0", label="stopped early (lower bound)")
-    chosen = search.get(f"{step}_lambda")
-    if chosen is not None and float(chosen) in dict(scores):
-        ax.plot([float(chosen)], [dict(scores)[float(chosen)]], ls="", marker="*", ms=15, color="#C44E52",
-                label=f"chosen {float(chosen):g}")
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))  # scores are ~1e-4: show the exponent once
-    ax.margins(0.08)  # the star of a chosen extreme stays inside the frame
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-
-
-def _neuroal_search(cell: dict) -> dict | None:
-    search = ((cell.get("manifest") or {}).get("allocation") or {}).get("neuroal")
-    return search if search and (search.get("block_scores") or search.get("row_scores")) else None
+    return save_figure(fig, path, title)
 
 
 def _by_top_up(cells: list[dict]) -> dict[str, list[dict]]:
@@ -244,7 +190,7 @@ def _percent_formatter():
     return PercentFormatter(xmax=1.0, decimals=0)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
@@ -253,7 +199,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path, title: str) -> bool:
+def save_figure(fig, path: Path, title: str) -> bool:
     import matplotlib.pyplot as plt
 
     fig.suptitle(title)

@@ -27,7 +27,8 @@ from neuroal.data import corpus_digest, load_calibration, save_calibration
 from neuroal.digests import file_digest, json_digest, weight_files
 from neuroal.environment import COMPUTE_LIBRARIES, TOKENIZING_LIBRARIES, compute_environment, library_versions
 from neuroal.errors import UserError
-from neuroal.evaluation.evaluate import EvalSpec, evaluate, evaluation_environment
+from neuroal.evaluation import evaluate as evaluation
+from neuroal.evaluation.evaluate import EvalSpec, evaluation_environment
 from neuroal.files import write_json_atomic
 from neuroal.lineage import is_lineage, materialize, read_lineage, write_lineage
 from neuroal.pipeline import Plan
@@ -55,7 +56,7 @@ COMPUTE = dict(retries=1, retry_delay_seconds=5, retry_condition_fn=_not_user_er
 class Refresh(BaseModel):
     """Stages a campaign recomputes on purpose (``campaign.refresh``): their outputs written before
     the campaign started (``since``, POSIX time) are not reused. Outputs written since are, so the
-    cells that share a stage's output (calibration windows, dense activations) compute it once."""
+    cells that share a stage's output (calibration windows, a prepared pre-stage) compute it once."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -99,7 +100,7 @@ def model_slug(spec: str) -> str:
 
 @task(name="calibration", task_run_name="calibration-{plan.config.calib}-{plan.config.nsamples}x{plan.config.seqlen}",
       **COMPUTE)
-def calibration_windows(plan: Plan, cache: Path, refresh: Refresh = NO_REFRESH) -> Ref | None:
+def calibration(plan: Plan, cache: Path, refresh: Refresh = NO_REFRESH) -> Ref | None:
     """Draw (or reuse) the calibration windows of a cell; None when the cell reads no data."""
     if not plan.reads_data:
         return None
@@ -108,25 +109,24 @@ def calibration_windows(plan: Plan, cache: Path, refresh: Refresh = NO_REFRESH) 
             "bos_per_window": c.bos_per_window, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed,
             "code": library_versions(TOKENIZING_LIBRARIES)}
     path = Path(cache) / "calibration" / f"{json_digest(spec)[:32]}.safetensors"
-    calibration = load_calibration(path) if refresh.reuses("calibration", path) else None
-    if calibration is None:
-        calibration = pipeline.calibrate(plan)
-        save_calibration(calibration, path)
-    return Ref(str(path), calibration.digest)
+    windows = load_calibration(path) if refresh.reuses("calibration", path) else None
+    if windows is None:
+        windows = pipeline.calibrate(plan)
+        save_calibration(windows, path)
+    return Ref(str(path), windows.digest)
 
 
-@task(name="dense-activations", task_run_name="dense-activations-{plan.config.method}", **COMPUTE)
-def dense_activations(plan: Plan, calibration: Ref | None, cache: Path, refresh: Refresh = NO_REFRESH) -> Ref | None:
-    """The dense model's statistics on the search set, shared by every dense-mode NeuroAl cell."""
-    if calibration is None:
-        return None
-    path = pipeline.cache_dense_activations(plan, _calibration(calibration), Path(cache) / "activations",
-                                            stale_before=refresh.stale_before("dense-activations"))
+@task(name="prepare", task_run_name="prepare-{plan.config.top_up}-{plan.config.method}", **COMPUTE)
+def prepare(plan: Plan, calibration: Ref | None, cache: Path, refresh: Refresh = NO_REFRESH) -> Ref | None:
+    """The allocator's cached pre-stage (``Allocator.prepare``: NeuroAl's dense statistics in dense
+    mode), shared by every cell of its model and data; None when it has none."""
+    path = pipeline.prepare(plan, _calibration(calibration), Path(cache) / "activations",
+                            stale_before=refresh.stale_before("prepare"))
     return Ref(str(path), file_digest(path)) if path else None
 
 
 @task(name="allocate", task_run_name="allocate-{plan.config.top_up}-s{plan.config.sparsity}", **COMPUTE)
-def allocation(plan: Plan, calibration: Ref | None, cache: Path, refresh: Refresh = NO_REFRESH) -> Ref:
+def allocate(plan: Plan, calibration: Ref | None, cache: Path, refresh: Refresh = NO_REFRESH) -> Ref:
     """The allocator's targets (NeuroAl's search, OWL's ratios, ...), stored for the prune task."""
     key = json_digest({"config": plan.config.model_dump(), "model": plan.source.digest,
                        "calibration": calibration.digest if calibration else None, "results": RESULTS_VERSION,
@@ -138,18 +138,18 @@ def allocation(plan: Plan, calibration: Ref | None, cache: Path, refresh: Refres
 
 
 @task(name="prune", task_run_name="prune-{plan.config.method}-{plan.config.top_up}-s{plan.config.sparsity}", **COMPUTE)
-def checkpoint(plan: Plan, calibration: Ref | None, allocation: Ref, out: Path, lineage: Path,
-               refresh: Refresh = NO_REFRESH) -> Ref:
+def prune(plan: Plan, calibration: Ref | None, allocation: Ref, out: Path, lineage: Path,
+          refresh: Refresh = NO_REFRESH) -> Ref:
     """The cell's full checkpoint folder ``out``: kept if it matches, else rebuilt from the cell's
     lineage form ``lineage`` if that matches (``dvc pull`` brought it, the folder was deleted), else
     pruned with the stored allocation."""
-    out, lineage = Path(out), Path(lineage)
+    out, form = Path(out), Path(lineage)
     if _checkpoint_matches(out, plan, calibration) and refresh.reuses("prune", out / MANIFEST):
         logger.info("checkpoint %s is up to date", out)
-    elif _lineage_matches(lineage, plan, calibration) and refresh.reuses("prune", lineage / MANIFEST):
-        logger.info("rebuilding checkpoint %s from its lineage form %s", out, lineage)
+    elif _lineage_matches(form, plan, calibration) and refresh.reuses("prune", form / MANIFEST):
+        logger.info("rebuilding checkpoint %s from its lineage form %s", out, form)
         shutil.rmtree(out, ignore_errors=True)
-        materialize(lineage, out, plan.source)
+        materialize(form, out, plan.source)
     else:
         stored = load_allocation(Path(allocation.path))
         if stored is None:
@@ -160,20 +160,20 @@ def checkpoint(plan: Plan, calibration: Ref | None, allocation: Ref, out: Path, 
 
 @task(name="lineage", task_run_name="lineage-{plan.config.method}-{plan.config.top_up}-s{plan.config.sparsity}",
       **COMPUTE)
-def lineage_form(plan: Plan, checkpoint: Ref, out: Path) -> dict:
+def lineage(plan: Plan, checkpoint: Ref, out: Path) -> dict:
     """The compact lineage form of the cell's checkpoint, which DVC tracks instead of its weights
     (kept if it is the form of this very checkpoint). Returns its path, form and size in bytes
     against the dense source's weight files."""
     out, folder = Path(out), Path(checkpoint.path)
     try:
         current = is_lineage(out) and (out / MANIFEST).read_bytes() == (folder / MANIFEST).read_bytes()
-        lineage = read_lineage(out) if current else None
+        recorded = read_lineage(out) if current else None
     except UserError as exc:
         logger.warning("%s; writing it again", exc)
-        lineage = None
-    if lineage is None:
-        lineage = write_lineage(folder, plan.source, out)
-    return {"path": str(out), "form": lineage.form, "bytes": folder_bytes(out),
+        recorded = None
+    if recorded is None:
+        recorded = write_lineage(folder, plan.source, out)
+    return {"path": str(out), "form": recorded.form, "bytes": folder_bytes(out),
             "dense_bytes": sum(p.stat().st_size for p in weight_files(plan.source.folder))}
 
 
@@ -183,7 +183,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 @task(name="evaluate", task_run_name="evaluate-{name}", **COMPUTE)
-def metrics(model: str, settings: EvalConfig, out: Path, name: str, model_digest: str,
+def evaluate(model: str, settings: EvalConfig, out: Path, name: str, model_digest: str,
              trust_remote_code: bool = False, allow_pickle: bool = False, refresh: Refresh = NO_REFRESH) -> dict:
     """Perplexity and zero-shot metrics of a model or checkpoint, stored as JSON beside it.
 
@@ -203,7 +203,7 @@ def metrics(model: str, settings: EvalConfig, out: Path, name: str, model_digest
                 return stored
         except (OSError, ValueError):
             pass  # unreadable: recompute
-    measured = {"key": key, **evaluate(spec)}
+    measured = {"key": key, **evaluation.evaluate(spec)}
     write_json_atomic(out, measured)
     return measured
 

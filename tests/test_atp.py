@@ -5,6 +5,7 @@ own prune followed by perplexity, and the CLI on every family."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from decimal import Decimal
@@ -12,12 +13,12 @@ from itertools import pairwise
 
 import pytest
 import torch
-
 from conftest import FAMILIES, SMOLLM2_VOCAB
+
 from neuroal.cli import main
 from neuroal.errors import UserError
 from neuroal.evaluation.perplexity import perplexity
-from neuroal.models import matrices_by_block, load_model, prunable_matrices, resolve_model
+from neuroal.models import load_model, matrices_by_block, prunable_matrices, resolve_model
 from neuroal.pruning.allocation import expand_to_modules
 from neuroal.pruning.allocators import atp
 from neuroal.pruning.allocators.atp.math import DEFAULT_STEP, atp_sparsities, best_beta, beta_grid, max_beta
@@ -167,7 +168,7 @@ def test_when_pruning_changes_nothing_every_candidate_ties_and_the_first_wins(ll
 
 
 def test_allocate_takes_the_lowest_score_and_records_them(llama_model, monkeypatch):
-    def fake_losses(inputs, betas):
+    def fake_losses(inputs, betas, **_):
         return {b: (b - 0.3) ** 2 + 1 for b in betas}  # lowest at 0.3
 
     monkeypatch.setattr(atp, "calibration_losses", fake_losses)
@@ -182,6 +183,25 @@ def test_allocate_takes_the_lowest_score_and_records_them(llama_model, monkeypat
     for name, target in allocation.targets.items():
         assert target == expected[int(name.split(".")[2])]  # model.layers.<i>.<module>
     json.dumps(details)  # recorded in the manifest as is
+
+
+def test_a_coarse_walk_on_the_search_set_scores_fewer_candidates_and_finds_a_single_minimum(llama_model,
+                                                                                           monkeypatch):
+    """``--atp-strategy coarse --atp-search-set``: the golden-section walk over the same grid probes
+    a few betas and still finds the minimum of a curve with one; they are scored on the search set."""
+    grid = atp.beta_grid(3, 0.6, 0.01)  # 40 candidates
+    bottom, scored_ids = grid[27], []
+    # A candidate's "outputs" are its block sparsities, and its loss how far block 0's is from the
+    # one of beta = bottom (0.6 - beta for three equal blocks): a curve with one minimum.
+    monkeypatch.setattr(atp, "pruned_outputs", lambda blocks, dense, method, sparsities, device: sparsities)
+    monkeypatch.setattr(atp, "head_loss", lambda model, blocks, final, ids, device, batch_size:
+                        scored_ids.append(ids) or abs(final[0] - (0.6 - bottom)))
+    inputs = dataclasses.replace(inputs_for(llama_model), search_ids=IDS[:2])
+    details = atp.allocate(inputs, atp.Options(step=0.01, strategy="coarse", search_set=True)).details
+    assert details["beta"] == bottom and details["scored_on"] == "search set" and details["strategy"] == "coarse"
+    assert 3 <= len(details["calibration_perplexity"]) <= 10 < len(grid)
+    assert all(torch.equal(ids, IDS[:2]) for ids in scored_ids)
+    assert atp.ALLOCATOR.searches(atp.Options(search_set=True)) and not atp.ALLOCATOR.searches(atp.Options())
 
 
 def test_a_given_beta_skips_the_search(llama_model, monkeypatch):
@@ -204,7 +224,7 @@ def test_allocate_leaves_the_weights_unchanged(llama_model, method):
 
 def test_registered_with_data():
     chosen = allocator("atp")
-    assert chosen.reads_data and not chosen.searches and not chosen.keeps_structure
+    assert chosen.reads_data and not chosen.searches(chosen.Options()) and not chosen.keeps_structure
     assert "Huang et al., ICML 2025" in chosen.help
 
 

@@ -65,8 +65,8 @@ def _count_prunes(monkeypatch) -> list:
 def _count_evaluations(monkeypatch) -> list:
     import tasks.cells
 
-    calls, real = [], tasks.cells.evaluate
-    monkeypatch.setattr(tasks.cells, "evaluate", lambda spec: calls.append(spec.model) or real(spec))
+    calls, real = [], tasks.cells.evaluation.evaluate
+    monkeypatch.setattr(tasks.cells.evaluation, "evaluate", lambda spec: calls.append(spec.model) or real(spec))
     return calls
 
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_family_configs
+
 from neuroal.cli import main
 from neuroal.models import prunable_matrices
 from neuroal.pruning import base_method
@@ -87,8 +87,9 @@ def test_cli_records_the_search_and_plots_it(tiny_llama, tmp_path):
     assert main(args) == 0
     manifest = json.loads((out / "neuroal.json").read_text())
     search = manifest["allocation"]["neuroal"]
-    assert manifest["mode"] == "dense" and search["mode"] == "dense"
-    assert manifest["lambdas"] == {"block": search["block_lambda"], "row": search["row_lambda"]}
+    assert search["mode"] == "dense"
+    assert manifest["summary"] == {"block_lambda": search["block_lambda"], "row_lambda": search["row_lambda"],
+                                   "mode": "dense"}
     assert str(search["block_lambda"]) in search["block_scores"] and len(search["block_sparsities"]) == 3
     assert len(search["row_sparsities"]) == 3 * 7
     assert (out / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -131,7 +132,7 @@ def test_dense_statistics_are_cached_on_disk_and_verified(tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("values", [BLOCK_LAMBDAS, ROW_LAMBDAS, block_lambdas(0.8)])
 def test_coarse_walk_finds_the_minimum_of_any_single_minimum_curve(values):
-    from neuroal.pruning.allocators.neuroal.strategies import coarse_walk
+    from neuroal.pruning.walks import coarse_walk
 
     n = len(values)
     for minimum in range(n):
@@ -147,3 +148,17 @@ def test_coarse_walk_finds_the_minimum_of_any_single_minimum_curve(values):
                 except StopIteration:
                     break
             assert best == minimum and len(set(probed)) == len(probed) <= 7
+
+
+def test_a_grid_with_lambda_zero_can_fall_back_to_uniform():
+    """``--neuroal-lambdas`` with 0: that candidate puts every block at the target, and it is scored
+    like any other (it wins here, the only one left); a grid out of order is refused."""
+    model = tiny("LlamaForCausalLM")
+    result = search_lambdas(model, base_method("wanda"), 0.6, IDS, CPU, Options(lambdas=(0.0,), step="block"))
+    assert result.block_lambda == 0.0 and list(result.block_scores) == [0.0]
+    assert list(result.allocation.values()) == pytest.approx([0.6] * len(result.allocation))
+    both = search_lambdas(model, base_method("wanda"), 0.6, IDS, CPU, Options(lambdas=(0.0, 0.2), strategy="grid"))
+    assert set(both.block_scores) == {0.0, 0.2} and set(both.row_scores) <= {0.0, 0.2}
+    with pytest.raises(ValueError, match="ascending"):
+        Options(lambdas="0.2,0.1")
+    assert Options(lambdas="0,0.05").lambdas == (0.0, 0.05)  # as --neuroal-lambdas gives it

@@ -299,18 +299,18 @@ def test_campaign_caches_rebuild_a_corrupt_entry(tiny_llama, tmp_path, monkeypat
                             lambda *a, _real=real, _stage=stage, **k: calls.__setitem__(_stage, calls[_stage] + 1)
                             or _real(*a, **k))
     plan = Plan.of(config)
-    calibration = cells.calibration_windows.fn(plan, tmp_path)
-    allocation = cells.allocation.fn(plan, calibration, tmp_path)
-    assert cells.calibration_windows.fn(plan, tmp_path) == calibration and calls == {"calibrate": 1, "allocate": 1}
+    calibration = cells.calibration.fn(plan, tmp_path)
+    allocation = cells.allocate.fn(plan, calibration, tmp_path)
+    assert cells.calibration.fn(plan, tmp_path) == calibration and calls == {"calibrate": 1, "allocate": 1}
 
     for path in (calibration.path, allocation.path):
         data = bytearray(Path(path).read_bytes())
         data[-1] ^= 0x01  # one flipped bit: the file still parses, its digest no longer matches
         Path(path).write_bytes(bytes(data))
-    assert cells.calibration_windows.fn(plan, tmp_path) == calibration
-    assert cells.allocation.fn(plan, calibration, tmp_path) == allocation
+    assert cells.calibration.fn(plan, tmp_path) == calibration
+    assert cells.allocate.fn(plan, calibration, tmp_path) == allocation
     assert calls == {"calibrate": 2, "allocate": 2}
-    assert cells.allocation.fn(plan, calibration, tmp_path) == allocation and calls["allocate"] == 2  # written back
+    assert cells.allocate.fn(plan, calibration, tmp_path) == allocation and calls["allocate"] == 2  # written back
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,5 +581,5 @@ def test_same_neuroal_cell_twice_gives_identical_checkpoints(tiny_llama, tmp_pat
     for name in ("a", "b"):
         assert main(prune_args(tiny_llama, tmp_path / name, *extra, sparsity="0.6")) == 0
     a, b = (read_manifest(tmp_path / name) for name in ("a", "b"))
-    assert a.files == b.files and a.lambdas == b.lambdas and a.calibration == b.calibration
+    assert a.files == b.files and a.summary == b.summary and a.calibration == b.calibration
     assert a.module_sparsity == b.module_sparsity

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from servers import fixture_prefect_harness  # noqa: F401 - the Prefect server of the nightly gate
 
 from flows.prune_cell import cell_metrics
 from neuroal.cli import main
 from neuroal.config import CampaignConfig
-from servers import fixture_prefect_harness  # noqa: F401 - the Prefect server of the nightly gate
 from tasks.cells import cell_name, model_slug
 from tasks.tracking import finish_campaign, flatten, log_cell, start_campaign
 
@@ -88,10 +88,10 @@ def fake_manifest(top_up: str, sparsity: float) -> dict:
                 "target_sparsity": sparsity, "achieved_sparsity": sparsity + 0.001,
                 "module_sparsity": {f"model.layers.{i}.{m}": blocks[i] for i in range(BLOCKS) for m in MODULES},
                 "timings": {"load": 0.5, "allocate": 20.0 if top_up == "neuroal" else 2.0, "prune": 10.0},
-                "lambdas": {}, "allocation": {}, "seed": 0, "config": {}, "device": "cpu", "dtype": "float32",
+                "summary": {}, "allocation": {}, "seed": 0, "config": {}, "device": "cpu", "dtype": "float32",
                 "versions": {}, "results_version": 3}
     if top_up == "neuroal":
-        manifest["lambdas"] = {"block": 0.1, "row": 0.2}
+        manifest["summary"] = {"block_lambda": 0.1, "row_lambda": 0.2, "mode": "reference"}
         manifest["allocation"]["neuroal"] = {
             "block_lambda": 0.1, "row_lambda": 0.2, "block_scores": {"0.08": 3.2e-4, "0.1": 3.1e-4, "0.12": 3.3e-4},
             "row_scores": {"0.1": 2.9e-4, "0.2": 2.7e-4}, "block_stopped_early": [0.12], "row_stopped_early": [],
@@ -141,7 +141,7 @@ def test_report_lists_every_cell_with_its_change_against_uniform(full, store, tm
     assert cost[("wanda", "uniform")][0] == "50.10% · prune 12.5 s · eval 11.0 s"
 
     slug = model_slug(MODEL)
-    pngs = {f"{slug}-wanda-{kind}.png" for kind in ("perplexity", "block-sparsity", "neuroal-candidates")}
+    pngs = {f"{slug}-wanda-{kind}.png" for kind in ("perplexity", "block-sparsity", "neuroal")}
     assert {p.name for p in out.iterdir()} == {"report.md", "report.html", *pngs}
     assert all(f"]({png})" in markdown for png in pngs)
     page = (out / "report.html").read_text()

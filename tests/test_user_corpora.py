@@ -168,18 +168,18 @@ def test_calibration_records_the_corpus_digest(tokenizer, jsonl):
 def test_task_cache_keys_change_with_the_corpus_content(tiny_llama, jsonl, tmp_path):
     """The campaign's calibration file and metrics key are named by the corpus content."""
     from neuroal.pipeline import Plan
-    from tasks.cells import calibration_windows, metrics
+    from tasks.cells import calibration, evaluate
 
     config = PruneConfig(model=str(tiny_llama), method="wanda", sparsity=0.5, calib=str(jsonl), nsamples=2, seqlen=16)
     settings = EvalConfig(ppl=[str(jsonl)], limit=1, seqlen=16)
     cache = tmp_path / "cache"
-    first = calibration_windows.fn(Plan.of(config), cache)
-    measured = metrics.fn(str(tiny_llama), settings, tmp_path / "m.json", "tiny", "weights")
-    assert calibration_windows.fn(Plan.of(config), cache) == first  # unchanged: served from its file
+    first = calibration.fn(Plan.of(config), cache)
+    measured = evaluate.fn(str(tiny_llama), settings, tmp_path / "m.json", "tiny", "weights")
+    assert calibration.fn(Plan.of(config), cache) == first  # unchanged: served from its file
     jsonl.write_text(jsonl.read_text().replace("the", "a"))
-    second = calibration_windows.fn(Plan.of(config), cache)
+    second = calibration.fn(Plan.of(config), cache)
     assert second.path != first.path and second.digest != first.digest
-    again = metrics.fn(str(tiny_llama), settings, tmp_path / "m.json", "tiny", "weights")
+    again = evaluate.fn(str(tiny_llama), settings, tmp_path / "m.json", "tiny", "weights")
     assert again["key"] != measured["key"]
     assert again["corpus_digests"] == {str(jsonl): corpus_digest(str(jsonl))}
 

@@ -4,6 +4,6 @@
 here because lm-eval takes seconds to import.
 """
 
-from neuroal.evaluation.perplexity import perplexity, eval_windows
+from neuroal.evaluation.perplexity import eval_windows, perplexity
 
 __all__ = ["perplexity", "eval_windows"]

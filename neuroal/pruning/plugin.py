@@ -151,7 +151,8 @@ class Allocator:
         refine_roles: See ``refine``.
         statistics: Input statistics the refinement reads.
         reads_data: The allocator runs the calibration data itself.
-        searches: It reads the search set (the first ``search_nsamples`` calibration windows).
+        searches: ``options -> bool``: whether, with these options, it reads the search set (the
+            first ``search_nsamples`` calibration windows).
         keeps_structure: Its masks keep an N:M structure (``--structure`` is allowed with it).
         prepare: Its cached pre-stage, if any (see ``Prepare``).
         summary: ``details -> dict``: its decisive numbers (NeuroAl's lambdas, ATP's beta), kept as
@@ -167,7 +168,7 @@ class Allocator:
     refine_roles: tuple[str, ...] = ()
     statistics: frozenset[str] = frozenset()
     reads_data: bool = False
-    searches: bool = False
+    searches: Callable[[BaseModel], bool] = lambda options: False
     keeps_structure: bool = False
     prepare: Optional[Prepare] = None
     summary: Callable[[dict], dict] = lambda details: {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from math import exp, isfinite  # not `import math`: the package's own `math` module shadows it
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,25 +29,35 @@ from neuroal.pruning.allocators.atp.math import DEFAULT_STEP, atp_sparsities, be
 from neuroal.pruning.layer_sequential import input_stats
 from neuroal.pruning.plugin import Allocation, AllocationInputs, Allocator, BaseMethod
 from neuroal.pruning.prune import pruned_weight, trial_block
+from neuroal.pruning.walks import WALKS
 from neuroal.replay import BlockInputs, capture_block_inputs, onloaded, onloaded_except_blocks, shadowed_forwards
 
 logger = logging.getLogger(__name__)
 
 
 class Options(BaseModel):
-    """ATP's options (``--atp-step``, ``--atp-beta``)."""
+    """ATP's options (``--atp-step``, ``--atp-beta``, ``--atp-strategy``, ``--atp-search-set``).
+
+    The defaults are the authors' search: every legal beta, each scored on every calibration
+    window. ``coarse`` and ``search_set`` make it cheaper (5-6 candidates on the search set cost
+    about one prune instead of 10-17), at the risk of another beta where the curve is not
+    single-minimum or the search set ranks candidates differently.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     step: float = Field(DEFAULT_STEP, gt=0, lt=1, description="grid step of the searched common difference beta")
     beta: float | None = Field(None, ge=0, description="a fixed common difference beta, no search")
+    strategy: Literal["grid", "coarse"] = Field("grid", description="every legal beta, or a golden-section walk")
+    search_set: bool = Field(False, description="score candidates on the search set (the first --search-nsamples "
+                                                "windows) instead of every calibration window")
 
 
 def allocate(inputs: AllocationInputs, options: Options = Options()) -> Allocation:
     """Block sparsities of paper Eq. 10 with the searched (or given) common difference."""
     blocks = matrices_by_block(inputs.model)
     if options.beta is None:
-        beta, details = search_beta(inputs, options.step)
+        beta, details = search_beta(inputs, options)
     else:
         beta, details = options.beta, {"searched": False}
     try:
@@ -67,59 +78,74 @@ def block_sparsities(sizes: list[int], sparsity: float, beta: float) -> list[flo
     return at_target_by_weight(atp_sparsities(len(sizes), sparsity, beta), sizes, sparsity)
 
 
-def search_beta(inputs: AllocationInputs, step: float = DEFAULT_STEP) -> tuple[float, dict]:
-    """The authors' grid search: the legal multiples of ``step``, lowest calibration perplexity.
+def search_beta(inputs: AllocationInputs, options: Options = Options()) -> tuple[float, dict]:
+    """The authors' grid search: the legal multiples of ``options.step``, lowest perplexity on the
+    calibration windows (or the search set), every candidate or a golden-section walk.
 
     Args:
-        inputs: the dense model, target, base method and calibration windows.
-        step: the grid step.
+        inputs: the dense model, target, base method, calibration windows and search set.
+        options: the grid step, walk and scoring windows.
 
     Returns:
-        ``(beta, details)``; ``details`` holds every candidate's perplexity. With no legal
+        ``(beta, details)``; ``details`` holds every scored candidate's perplexity. With no legal
         candidate (one block, or a target of 0) ``beta`` is 0: every block at the target.
     """
     num_blocks = len(decoder_blocks(inputs.model))
-    grid = beta_grid(num_blocks, inputs.sparsity, step)
+    grid = beta_grid(num_blocks, inputs.sparsity, options.step)
     bound = max_beta(num_blocks, inputs.sparsity)
-    details = {"step": step, "max_beta": bound if isfinite(bound) else None}
+    details = {"step": options.step, "max_beta": bound if isfinite(bound) else None,
+               "strategy": options.strategy, "scored_on": "search set" if options.search_set else "calibration"}
     if not grid:
         logger.warning("ATP: no legal beta for %d block(s) at sparsity %s; every block at the target",
                        num_blocks, inputs.sparsity)
         return 0.0, {"searched": False, **details}
-    losses = calibration_losses(inputs, grid)
+    ids = inputs.search_ids if options.search_set else inputs.calibration_ids
+    losses = calibration_losses(inputs, grid, ids=ids, strategy=options.strategy)
     beta = best_beta(losses)
-    logger.info("ATP: beta %.4g of %d candidates (calibration perplexity %.6g)", beta, len(grid),
+    logger.info("ATP: beta %.4g, %d of %d candidates scored (perplexity %.6g)", beta, len(losses), len(grid),
                 _perplexity(losses[beta]))
-    scores = {str(b): _perplexity(loss) for b, loss in losses.items()}
+    scores = {str(b): _perplexity(losses[b]) for b in grid if b in losses}
     return beta, {"searched": True, **details, "calibration_perplexity": scores}
 
 
 @torch.no_grad()
-def calibration_losses(inputs: AllocationInputs, betas: list[float]) -> dict[float, float]:
-    """Mean next-token cross-entropy on the calibration windows of the model pruned with each
-    ``beta``'s block sparsities (the model's weights are unchanged afterwards).
+def calibration_losses(inputs: AllocationInputs, betas: list[float], *, ids: torch.Tensor | None = None,
+                       strategy: str = "grid") -> dict[float, float]:
+    """Mean next-token cross-entropy on ``ids`` (default: the calibration windows) of the model
+    pruned with each walked ``beta``'s block sparsities (the model's weights are unchanged after).
 
     Args:
         inputs: the dense model, target, base method, device, batch size and calibration windows.
         betas: the candidates, each legal for the model's block count and the target.
+        ids: the windows scored.
+        strategy: ``grid`` (every candidate) or ``coarse`` (``walks.coarse_walk``).
 
     Returns:
-        ``{beta: loss}`` (perplexity is ``exp(loss)``), in the order of ``betas``.
+        ``{beta: loss}`` for the candidates scored (perplexity is ``exp(loss)``), in walk order.
 
     Raises:
-        ValueError: without calibration windows.
+        ValueError: without windows.
     """
-    if inputs.calibration_ids is None:
+    ids = inputs.calibration_ids if ids is None else ids
+    if ids is None:
         raise ValueError("ATP's search needs calibration windows")
-    model, ids, device = inputs.model, inputs.calibration_ids, inputs.device
+    model, device = inputs.model, inputs.device
     blocks = decoder_blocks(model)
     dense_inputs = capture_block_inputs(model, blocks, ids, device, inputs.batch_size)
     losses, sizes = {}, block_sizes(inputs)
-    for beta in progress(betas, desc="atp"):
-        sparsities = block_sparsities(sizes, inputs.sparsity, beta)
-        final = pruned_outputs(blocks, dense_inputs, inputs.method, sparsities, device)
+    walk, bar = WALKS[strategy](betas), progress(total=len(betas), desc="atp")
+    index = next(walk)
+    while True:
+        beta = betas[index]
+        final = pruned_outputs(blocks, dense_inputs, inputs.method, block_sparsities(sizes, inputs.sparsity, beta), device)
         losses[beta] = head_loss(model, blocks, final, ids, device, inputs.batch_size)
-        logger.debug("ATP: beta %.4g, calibration perplexity %.6g", beta, _perplexity(losses[beta]))
+        logger.debug("ATP: beta %.4g, perplexity %.6g", beta, _perplexity(losses[beta]))
+        bar.update()
+        try:
+            index = walk.send(betas.index(best_beta(losses)))
+        except StopIteration:
+            break
+    bar.close()
     return losses
 
 
@@ -196,4 +222,5 @@ def _perplexity(loss: float) -> float | None:
 
 
 ALLOCATOR = Allocator("atp", "block sparsities rising in an arithmetic progression (ATP, Huang et al., ICML 2025)",
-                      allocate, Options, reads_data=True)
+                      allocate, Options, reads_data=True, searches=lambda options: options.search_set,
+                      summary=lambda details: {"beta": details["beta"], "searched": details["searched"]})

@@ -13,9 +13,14 @@ ROW_LAMBDAS = (0.0, *BLOCK_LAMBDAS)
 CLIP = (0.01, 0.99)  # no module or row is left fully dense or fully pruned
 
 
-def block_lambdas(sparsity: float) -> list[float]:
+def block_lambdas(sparsity: float, grid: tuple[float, ...] = BLOCK_LAMBDAS) -> list[float]:
     """Block-step candidates: the grid, without 0.25 at 80% sparsity and above (it would clip)."""
-    return [lam for lam in BLOCK_LAMBDAS if not (sparsity >= 0.8 and lam == 0.25)]
+    return [lam for lam in grid if not (sparsity >= 0.8 and lam == 0.25)]
+
+
+def row_lambdas(grid: tuple[float, ...] = BLOCK_LAMBDAS) -> list[float]:
+    """Row-step candidates: 0 (every row at its module's sparsity) and the block grid."""
+    return sorted({0.0, *grid})
 
 
 def block_schedule(num_blocks: int, sparsity: float, lam: float) -> list[float]:

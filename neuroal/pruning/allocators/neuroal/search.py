@@ -17,10 +17,10 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from torch import nn
 
 from neuroal.digests import json_digest, tensors_digest
@@ -29,28 +29,46 @@ from neuroal.models import Architecture, architecture_of, block_matrices, decode
 from neuroal.progress import progress
 from neuroal.pruning.allocation import at_target_by_weight
 from neuroal.pruning.allocators.neuroal.math import (
-    ROW_LAMBDAS,
+    BLOCK_LAMBDAS,
     alignment_distance,
     block_lambdas,
     block_schedule,
     pooled_norms,
     producer_vectors,
+    row_lambdas,
     row_sparsities,
 )
-from neuroal.pruning.allocators.neuroal.strategies import STRATEGIES
 from neuroal.pruning.layer_sequential import input_stats
 from neuroal.pruning.masks import mask_from_ranks, prune_counts, row_ranks
 from neuroal.pruning.plugin import BaseMethod, Target
 from neuroal.pruning.prune import method_for, trial_block
 from neuroal.pruning.statistics import NORMS, InputStats, load_stats, save_stats
+from neuroal.pruning.walks import WALKS
 from neuroal.replay import BlockInputs, capture_block_inputs, observe_inputs, onloaded
 
 logger = logging.getLogger(__name__)
 
 
 
+def _comma_separated(value):
+    """A list on the command line: ``--neuroal-lambdas 0,0.01,0.02`` (params.yaml gives a list)."""
+    return [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+def _ascending(grid: tuple[float, ...]) -> tuple[float, ...]:
+    if not grid or list(grid) != sorted(set(grid)):
+        raise ValueError("give one or more distinct lambdas in ascending order")
+    return grid
+
+
+# Block-step candidates; 0 (every block at the target) lets the search fall back to uniform.
+Lambdas = Annotated[tuple[Annotated[float, Field(ge=0, lt=0.5)], ...], BeforeValidator(_comma_separated),
+                    AfterValidator(_ascending)]
+
+
 class Options(BaseModel):
-    """NeuroAl's options (``--neuroal-step``, ``--neuroal-mode``, ``--neuroal-strategy``)."""
+    """NeuroAl's options (``--neuroal-step``, ``--neuroal-mode``, ``--neuroal-strategy``,
+    ``--neuroal-lambdas``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,6 +77,8 @@ class Options(BaseModel):
     # fully dense model. Measured: dense always chose the largest lambda and lost to uniform.
     mode: Literal["reference", "dense"] = Field("reference", description="what a block's activations are compared with")
     strategy: Literal["grid", "coarse"] = Field("coarse", description="every candidate, or a golden-section walk")
+    lambdas: Lambdas = Field(BLOCK_LAMBDAS, description="block-step candidate lambdas, comma-separated (0: uniform "
+                                                        "may win); the row step tries these and 0")
 
 
 @dataclass
@@ -124,7 +144,7 @@ def search_lambdas(
     def block_targets(lam):
         return [{n: s for n in names} for s, names in zip(schedule(lam), search.names)]
 
-    block = search.choose(block_lambdas(sparsity), block_targets, strategy, "block")
+    block = search.choose(block_lambdas(sparsity, options.lambdas), block_targets, strategy, "block")
     best_targets = block_targets(block.lam)
     result = NeuroalSearch(block.lam, None, block.scores, {}, schedule(block.lam),
                            search.allocation(best_targets), block_stopped=block.stopped)
@@ -147,7 +167,7 @@ def search_lambdas(
     # lambda = 0 puts every row at its module's sparsity: the block winner again, unless per-row
     # rounding (keep floor((1 - s) * in)) prunes a different count than floor(s * in).
     known = {0.0: block} if _same_counts(row_targets(0.0), best_targets, shapes) else None
-    row = search.choose(ROW_LAMBDAS, row_targets, strategy, "row", known=known)
+    row = search.choose(row_lambdas(options.lambdas), row_targets, strategy, "row", known=known)
     result.row_lambda, result.row_scores, result.row_stopped = row.lam, row.scores, row.stopped
     result.allocation = search.allocation(row_targets(row.lam))
     return result
@@ -228,7 +248,7 @@ class _Search:
     def choose(self, lambdas, targets_for, strategy: str, what: str, known: dict | None = None) -> _Outcome:
         """Score candidates (every one, or a coarse-to-fine walk) and return the lowest; ties go to
         the first listed."""
-        walk = STRATEGIES[strategy](list(lambdas))
+        walk = WALKS[strategy](list(lambdas))
         known = known or {}
         best: _Outcome | None = None
         for lam, outcome in known.items():  # already scored: a free bound for early stopping

@@ -63,4 +63,4 @@ def _outlier_ratios(inputs: AllocationInputs, options: Options) -> tuple[list[li
 
 
 ALLOCATOR = Allocator("owl", "outlier-weighed layerwise sparsity (Yin et al., ICML 2024)", allocate, Options,
-                      reads_data=True)
+                      reads_data=True, summary=lambda details: {"variant": details["variant"]})

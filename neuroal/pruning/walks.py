@@ -1,6 +1,7 @@
-"""How NeuroAl walks a list of candidate lambdas: every one (``grid``), or a golden-section walk
-(``coarse``, the default) that probes 4-6 of 14-15 and finds the grid's minimum on a curve with a
-single one. A walk is a generator of grid indices; the caller sends back the best index so far."""
+"""How a search walks a list of candidate values (NeuroAl's lambdas, ATP's betas): every one
+(``grid``), or a golden-section walk (``coarse``) that probes 4-6 of NeuroAl's 14-15 and finds
+the grid's minimum on a curve with a single one. A walk is a generator of grid indices; the caller
+sends back the best index so far."""
 
 from __future__ import annotations
 
@@ -49,4 +50,4 @@ def _nearest(values: Sequence[float], indices, target: float) -> int:
     return min(indices, key=lambda i: (abs(values[i] - target), i))
 
 
-STRATEGIES = {"grid": grid_walk, "coarse": coarse_walk}
+WALKS = {"grid": grid_walk, "coarse": coarse_walk}
