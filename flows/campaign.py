@@ -50,7 +50,7 @@ def campaign(config: CampaignConfig, root: str = ".") -> dict:
         ensure_dvc_repo(Path(root))
     problems = []  # what fails the campaign once every cell has run
     try:
-        parent = start_campaign(settings.experiment, config.model_dump(), settings.artifact_location,
+        parent = start_campaign(settings.experiment, config.model_dump(mode="json"), settings.artifact_location,
                                 tags={"git_revision": git_revision(Path(root)) or "",
                                       ENVIRONMENT_TAG: campaign_environment(config)})
     except TrackingUnavailable as exc:

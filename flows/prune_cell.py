@@ -60,7 +60,7 @@ def prune_cell(cell: PruneConfig, evaluation: EvalConfig, settings: CampaignSett
         artifacts += [out / "metrics" / f"{name}.json"] + ([dvc_file(Path(lineage["path"]))] if settings.dvc else [])
         summary["mlflow_run_id"] = log_cell(
             parent_run_id, name,
-            params=flatten({"prune": cell.model_dump(), "eval": evaluation.model_dump()}),
+            params=flatten({"prune": cell.model_dump(mode="json"), "eval": evaluation.model_dump()}),
             metrics={**cell_metrics(metrics), "lineage": {k: lineage[k] for k in ("bytes", "dense_bytes")}},
             artifacts=[str(a) for a in artifacts],
             tags={"git_revision": git_revision(Path(root)) or "", "dvc_hash": summary["dvc_hash"] or "",

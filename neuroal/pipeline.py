@@ -268,7 +268,7 @@ def prune_in_memory(plan: Plan, *, calibration: CalibrationSet | None = None, al
         allocation=allocation.details,
         calibration=calibrated,
         seed=config.seed,
-        config=config.model_dump(),
+        config=config.model_dump(mode="json"),
         device=str(plan.device),
         device_kind=device_kind(plan.device),
         dtype=dtype_name(plan.dtype),

@@ -128,7 +128,7 @@ def prepare(plan: Plan, calibration: Ref | None, cache: Path, refresh: Refresh =
 @task(name="allocate", task_run_name="allocate-{plan.config.top_up}-s{plan.config.sparsity}", **COMPUTE)
 def allocate(plan: Plan, calibration: Ref | None, cache: Path, refresh: Refresh = NO_REFRESH) -> Ref:
     """The allocator's targets (NeuroAl's search, OWL's ratios, ...), stored for the prune task."""
-    key = json_digest({"config": plan.config.model_dump(), "model": plan.source.digest,
+    key = json_digest({"config": plan.config.model_dump(mode="json"), "model": plan.source.digest,
                        "calibration": calibration.digest if calibration else None, "results": RESULTS_VERSION,
                        "environment": compute_environment(plan.device, plan.dtype)})
     path = Path(cache) / "allocations" / f"{key[:32]}.safetensors"
@@ -245,7 +245,7 @@ def _lineage_matches(folder: Path, plan: Plan, calibration: Ref | None) -> bool:
 
 def _manifest_matches(manifest, plan: Plan, calibration: Ref | None) -> bool:
     stored_calibration = manifest.calibration.digest if manifest.calibration else None
-    return (manifest.config == plan.config.model_dump() and manifest.source.digest == plan.source.digest
+    return (manifest.config == plan.config.model_dump(mode="json") and manifest.source.digest == plan.source.digest
             and stored_calibration == (calibration.digest if calibration else None)
             and manifest.results_version == RESULTS_VERSION
             and _environment_of(manifest) == compute_environment(plan.device, plan.dtype))

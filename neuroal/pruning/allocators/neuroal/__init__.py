@@ -1,7 +1,7 @@
 """NeuroAl (Cunegatti, Custode, Iacca, TMLR 2025) as an allocator: search the block-wise and then
 the row-wise sparsity distribution whose sparse activations stay closest to the dense ones.
-``math.py`` holds the paper's formulas, ``search.py`` the scoring passes, ``strategies.py`` how
-the candidates are walked, ``figures.py`` its plots; the specification is docs/algorithm.md.
+``math.py`` holds the paper's formulas, ``search.py`` the scoring passes, ``figures.py`` its
+plots (``neuroal.pruning.walks``: how the candidates are walked); the specification is docs/algorithm.md.
 
 Its lifecycle: ``prepare`` keeps the dense model's statistics on the search set (dense mode only)
 for every later search on that model and data; ``summary`` is the chosen lambdas."""

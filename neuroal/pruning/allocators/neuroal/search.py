@@ -8,7 +8,7 @@ What makes it affordable without changing what it chooses:
   (and kept on disk), and prunes candidates with those fixed scores, ranked once per module;
 - a candidate stops as soon as its running score can no longer win (scores only grow);
 - the row candidate lambda = 0 repeats the block winner and is not scored again.
-The ``coarse`` strategy (``strategies.py``) trades the exhaustive grid for fewer passes.
+The ``coarse`` strategy (``neuroal.pruning.walks``) trades the exhaustive grid for fewer passes.
 """
 
 from __future__ import annotations
