@@ -80,10 +80,6 @@ def cell_metrics(metrics: dict) -> dict:
     bos = {"eval": metrics.get("bos_per_window"), "calibration": calibration.bos_per_window if calibration else None}
     return {"ppl": metrics["ppl"], "tasks": metrics["tasks"],
             "achieved_sparsity": manifest.achieved_sparsity if manifest else None,
-            "summary": {k: v for k, v in (manifest.summary if manifest else {}).items() if _is_number(v)},
+            "summary": manifest.summary if manifest else {},  # log_cell keeps the numbers
             "bos_per_window": {k: int(v) for k, v in bos.items() if v is not None},
             "time": {**(manifest.timings if manifest else {}), **{f"eval.{k}": v for k, v in metrics["timings"].items()}}}
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
