@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 from prefect import flow
+from prefect.runtime import flow_run
 from prefect.states import State
 
 from flows.prune_cell import cell_metrics, prune_cell
@@ -112,17 +113,21 @@ def _run_on_pool(config: CampaignConfig, parent: str, refresh: cells.Refresh) ->
     """Submit every cell to the work pool behind ``settings.deployment`` and wait for all.
 
     Each submission waits in its own thread; the context copy keeps each cell's flow run a
-    child of this campaign's in the Prefect UI. A server too busy to answer (503) is asked again;
-    a cell that still cannot be submitted fails alone, like a cell that fails on its worker.
+    child of this campaign's in the Prefect UI. A server too busy to answer (503), while the cell
+    is submitted or while it is polled, is asked again with the same idempotency key (this
+    campaign's flow run and the cell), so the server hands back the cell's flow run if it already
+    made one: a cell runs at most once. A cell that still cannot be submitted fails alone, like a
+    cell that fails on its worker.
     """
     from prefect.deployments import run_deployment
     from prefect.exceptions import PrefectHTTPStatusError
     from prefect.states import Failed
 
     def submit(cell):
+        key = f"{flow_run.id}:{cells.cell_name(cell)}"
         for attempt in range(_SUBMIT_ATTEMPTS):
             try:  # no root: a worker runs in its own checkout (the deployment's working directory)
-                return run_deployment(config.campaign.deployment, timeout=None, parameters={
+                return run_deployment(config.campaign.deployment, timeout=None, idempotency_key=key, parameters={
                     "cell": cell.model_dump(), "evaluation": config.eval.model_dump(),
                     "settings": config.campaign.model_dump(), "parent_run_id": parent,
                     "refresh": refresh.model_dump(mode="json")}).state

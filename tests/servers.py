@@ -120,3 +120,73 @@ def fixture_prefect_harness(tmp_path_factory):
     # The server starts slowly on a loaded machine: allow two minutes.
     with temporary_settings(updates={PREFECT_HOME: home}), prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+class FlakyProxy:
+    """An HTTP proxy in front of ``upstream`` (a Prefect server) that answers 503 on demand:
+    ``fail(method, pattern, times, forward)`` makes the next ``times`` requests whose path matches
+    ``pattern`` fail, after reaching the server (``forward=True``: the server did the work, the
+    client does not know) or before. ``failed`` counts the 503s answered."""
+
+    _HOP = {"host", "content-length", "transfer-encoding", "connection", "content-encoding"}
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+
+        import httpx
+
+        self.client, self.rules, self.failed, self.lock = httpx.Client(base_url=upstream, timeout=60), [], 0, threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _relay(self):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                fail = proxy._take(self.command, self.path)
+                if fail is None or fail:  # forwarded unless it fails before reaching the server
+                    response = proxy.client.request(self.command, self.path, content=body, headers={
+                        k: v for k, v in self.headers.items() if k.lower() not in FlakyProxy._HOP})
+                if fail is None:
+                    status, headers, content = response.status_code, response.headers, response.content
+                else:
+                    status, headers, content = 503, {}, b'{"detail": "Service Unavailable"}'
+                self.send_response(status)
+                for name, value in headers.items():
+                    if name.lower() not in FlakyProxy._HOP:
+                        self.send_header(name, value)
+                self.send_header("content-length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _relay
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((HOST, free_port()), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://{HOST}:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def fail(self, method: str, pattern: str, times: int, forward: bool) -> None:
+        import re
+
+        with self.lock:
+            self.rules.append([method, re.compile(pattern), times, forward])
+
+    def _take(self, method: str, path: str) -> bool | None:
+        """None: relay this request; else fail it (True: after forwarding it)."""
+        with self.lock:
+            for rule in self.rules:
+                if rule[0] == method and rule[1].search(path.split("?")[0]) and rule[2] > 0:
+                    rule[2] -= 1
+                    self.failed += 1
+                    return rule[3]
+        return None
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.client.close()
