@@ -13,7 +13,8 @@ RUN useradd --create-home --uid 1000 neuroal
 WORKDIR /opt/neuroal
 COPY --chown=neuroal:neuroal . .
 USER neuroal
-RUN make setup && rm -rf /home/neuroal/.cache/pip
+# data/: where deploy/compose.yaml mounts the servers' volumes (owned by neuroal, so writable).
+RUN make setup && rm -rf /home/neuroal/.cache/pip && mkdir /home/neuroal/data
 
 ENV PATH=/opt/neuroal/.venv/bin:$PATH \
     NEUROAL_HOME=/opt/neuroal \

@@ -42,11 +42,13 @@ run: setup
 	$(BIN)/neuroal campaign --params $(PARAMS)
 	$(BIN)/neuroal report --params $(PARAMS)
 
+# The whole suite (what .ci/run and the README run), and its unit and integration tiers without the
+# slow tests: the tiers are set from each test's fixtures (tests/conftest.py); times in the README.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "(unit or integration) and not slow"
 
 # Re-pin the whole stack to what is installed in .venv now.
 constraints:

@@ -3,6 +3,8 @@ models built from configs, saved as local folders with the real tokenizer. Nothi
 
 from __future__ import annotations
 
+import inspect
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,45 @@ import torch
 
 SMOLLM2_VOCAB = 49152  # tiny models share the SmolLM2 tokenizer, so they need its vocabulary
 REPO = Path(__file__).resolve().parents[1]
+
+# Test tiers (pyproject.toml's markers), set from the fixtures a test uses, itself or through other
+# fixtures: a server or a subprocess (the pipeline's, git's, DVC's) makes it `system`; a model
+# folder (all are built with the real tokenizer) or an MLflow store `integration`; none of these
+# `unit`. Asking for the real smollm2-135m folder itself (not only its tokenizer) makes it `slow`,
+# and a slow test (the real model, full prunes) is never a unit. A tier written on a test may raise
+# the derived one, never lower it; a test gets exactly one tier.
+TIERS = ("unit", "integration", "system")
+SYSTEM_FIXTURES = {"prefect_harness", "prefect_server", "moto_server", "mlflow_server", "s3_env", "processes"}
+INTEGRATION_FIXTURES = {"tokenizer", "store"}
+SLOW_ARGUMENTS = {"smollm2_folder"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = set(item.fixturenames)
+        if SLOW_ARGUMENTS & set(inspect.signature(item.function).parameters):
+            item.add_marker("slow")
+        slow = item.get_closest_marker("slow") is not None  # the real model or full prunes: never a unit
+        derived = 2 if used & SYSTEM_FIXTURES else 1 if used & INTEGRATION_FIXTURES or slow else 0
+        written = [TIERS.index(m.name) for m in item.iter_markers() if m.name in TIERS]
+        if len(written) > 1 or (written and written[0] < derived):
+            raise pytest.UsageError(f"{item.nodeid}: marked {[TIERS[w] for w in written]}, but its fixtures make "
+                                    f"it {TIERS[derived]} (tests/conftest.py: one tier, never below the fixtures')")
+        if not written:
+            item.add_marker(TIERS[derived])
+
+
+class Processes:
+    """Subprocesses of a test (``run`` as ``subprocess.run``, ``popen`` as ``subprocess.Popen``);
+    asking for them (the ``processes`` fixture) makes the test `system`."""
+
+    run = staticmethod(subprocess.run)
+    popen = staticmethod(subprocess.Popen)
+
+
+@pytest.fixture
+def processes() -> Processes:
+    return Processes()
 
 
 def copy_dvc_stage(folder: Path) -> None:

@@ -57,14 +57,11 @@ def model_configs() -> dict:
             "qwen2moe": moe["Qwen2MoeForCausalLM"]}
 
 
-def model_folders(root: Path) -> dict[str, str]:
-    """Every model key saved as a folder under ``root`` (seed 0), and SmolLM2 by its alias."""
-    from transformers import AutoTokenizer
-
-    from neuroal.models import resolve_model
+def model_folders(root: Path, tokenizer) -> dict[str, str]:
+    """Every model key saved as a folder under ``root`` (seed 0) with ``tokenizer`` (SmolLM2's),
+    and SmolLM2 by its alias."""
     from conftest import save_tiny_model
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").folder)
     folders = {key: str(save_tiny_model(config, tokenizer, root / key)) for key, config in model_configs().items()}
     return {**folders, "smollm2": "smollm2-135m"}
 
@@ -98,8 +95,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--record", action="store_true", help=f"write {RECORDED.name}")
     args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    from neuroal.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").folder)
     with tempfile.TemporaryDirectory() as tmp:
-        folders = model_folders(Path(tmp))
+        folders = model_folders(Path(tmp), tokenizer)
         records = {name: record_of(folders[key], fields, Path(tmp) / "cache") for name, key, fields in CELLS}
     text = json.dumps(records, indent=1, sort_keys=True) + "\n"
     if args.record:

@@ -1,5 +1,6 @@
-"""Local servers for the tracking and versioning tests: an S3 (moto_server) and a Prefect test
-harness, each bound to 127.0.0.1 on a free port and stopped when the test module ends.
+"""Local servers for the tests: an S3 (moto_server), an MLflow tracking server that keeps its
+artifacts in that S3, a Prefect server (a real ``prefect server start``, or Prefect's test harness),
+each bound to 127.0.0.1 on a free port and stopped when the test module ends.
 
 Test modules import the fixtures they need (``from servers import fixture_moto_server``; the
 fixture is named ``moto_server``); this is a helper module, not a conftest, so only those modules
@@ -9,6 +10,7 @@ start servers.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -51,26 +53,93 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = _STARTU
     raise TimeoutError(f"nothing listened on {HOST}:{port} after {timeout} s")
 
 
+def stop(process: subprocess.Popen, timeout: float = 20) -> None:
+    """Terminate ``process``, killing it if it does not exit within ``timeout`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def wait_healthy(url: str, timeout: float = 120) -> None:
+    """Block until ``url`` answers 200 (a server that listens before it can serve)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} is not healthy after {timeout} s")
+
+
+def start_server(cmd: list[str], port: int, log: Path, env: dict | None = None, timeout: float = _STARTUP_S):
+    """Start ``cmd`` (a server that will listen on ``port``), its output in ``log``; returns the process."""
+    with log.open("w") as out:  # the server keeps its own descriptor
+        process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, process, timeout)
+    except BaseException:
+        stop(process)
+        raise
+    return process
+
+
+def program(name: str) -> str:
+    """A console script of this interpreter's environment (``moto_server``, ``prefect``, ``mlflow``)."""
+    binary = Path(sys.executable).with_name(name)
+    return str(binary) if binary.exists() else shutil.which(name) or pytest.skip(f"{name} is not installed")
+
+
 @pytest.fixture(scope="module", name="moto_server")
 def fixture_moto_server(tmp_path_factory) -> str:
     """An S3 server (``moto_server``) for this module; yields its endpoint URL."""
-    binary = Path(sys.executable).with_name("moto_server")
-    binary = str(binary) if binary.exists() else shutil.which("moto_server")
-    if binary is None:
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
     port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    process = subprocess.Popen([binary, "-H", HOST, "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    process = start_server([program("moto_server"), "-H", HOST, "-p", str(port)], port, log)
     try:
-        wait_for_port(port, process)
         yield f"http://{HOST}:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        stop(process, timeout=10)
+
+
+@pytest.fixture(scope="module", name="mlflow_server")
+def fixture_mlflow_server(moto_server, tmp_path_factory) -> str:
+    """An MLflow tracking server (SQLite) that proxies artifacts to ``s3://mlflow/artifacts`` on the
+    moto server, so its clients need no S3 access for tracking; yields its URL."""
+    make_bucket(moto_server, "mlflow")
+    folder, port = tmp_path_factory.mktemp("mlflow-server"), free_port()
+    env = {**os.environ, **FAKE_AWS, "MLFLOW_S3_ENDPOINT_URL": moto_server}
+    cmd = [program("mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+           "--artifacts-destination", "s3://mlflow/artifacts", "--host", HOST, "--port", str(port), "--workers", "1"]
+    process = start_server(cmd, port, folder / "server.log", env, timeout=120)
+    try:
+        wait_healthy(f"http://{HOST}:{port}/health")
+        yield f"http://{HOST}:{port}"
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module", name="prefect_server")
+def fixture_prefect_server(tmp_path_factory) -> dict:
+    """A ``prefect server start`` for this module; yields the environment of its clients."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://{HOST}:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "INFO"}
+    process = start_server([program("prefect"), "server", "start", "--host", HOST, "--port", str(port)],
+                           port, home / "server.log", env, timeout=180)
+    try:
+        wait_healthy(f"{env['PREFECT_API_URL']}/health")
+        yield env
+    finally:
+        stop(process)
 
 
 @pytest.fixture(name="s3_env")

@@ -24,7 +24,7 @@ from servers import (  # noqa: F401 - the fixture_* are the fixtures prefect_har
 from tasks.tracking import log_cell
 from tasks.versioning import DVC_REMOTE, dvc_file, dvc_push, dvc_status_clean, dvc_track, ensure_dvc_repo
 
-pytestmark = [pytest.mark.system, pytest.mark.usefixtures("prefect_harness")]
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 REPO = Path(__file__).resolve().parents[1]
 
 

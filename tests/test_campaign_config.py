@@ -74,16 +74,15 @@ def test_campaign_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no runs/, no mlflow.db
 
 
-def test_temporary_prefect_server_gets_time_to_start_and_a_user_value_wins(tmp_path):
+def test_temporary_prefect_server_gets_time_to_start_and_a_user_value_wins(tmp_path, processes):
     """Set before Prefect is imported (it reads its settings once): checked in fresh processes."""
-    import subprocess
     import sys
 
     code = ("from flows.cli import _prepare_temporary_server; _prepare_temporary_server(); "
             "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as limit; "
             "print(limit.value())")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
-    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, cwd=REPO,  # noqa: E731
+    run = lambda extra: processes.run([sys.executable, "-c", code], env={**env, **extra}, cwd=REPO,  # noqa: E731
                                        capture_output=True, text=True, check=True).stdout.strip()
     assert run({"PREFECT_HOME": str(tmp_path)}) == "120"
     assert run({"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}) == "300"
@@ -116,7 +115,6 @@ def _params(tmp_path: Path, **prune) -> Path:
     return path
 
 
-@pytest.mark.unit
 def test_a_single_value_is_a_one_element_list_and_every_setting_is_typed(tmp_path):
     config = load_campaign(_params(tmp_path, top_up=["owl", "neuroal"]))
     assert config.prune.model == ["m"] and config.prune.sparsity == [0.5] and config.prune.top_up == ["owl", "neuroal"]
@@ -127,7 +125,6 @@ def test_a_single_value_is_a_one_element_list_and_every_setting_is_typed(tmp_pat
                                                                                           sparsity=0.5)
 
 
-@pytest.mark.unit
 def test_the_grid_has_every_field_of_prune_config():
     """A new cell setting or allocator option is a grid setting with no edit of the grid."""
     assert list(PruneGrid.model_fields) == list(PruneConfig.model_fields)
@@ -137,7 +134,6 @@ def test_the_grid_has_every_field_of_prune_config():
             assert PruneGrid.model_fields[name].default == info.default
 
 
-@pytest.mark.unit
 def test_the_dumped_grid_round_trips_and_logs_under_the_key_paths(tmp_path):
     """What the campaign logs (campaign.json, flattened MLflow params) reads back as the same config."""
     from tasks.tracking import flatten
@@ -150,7 +146,6 @@ def test_the_dumped_grid_round_trips_and_logs_under_the_key_paths(tmp_path):
     assert all(cell[k] == v for k, v in params.items() if k.startswith("prune.") and k.split(".")[1] not in GRID_AXES)
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize(("prune", "needle"), [
     ({"nsample": 4}, "prune.nsample: Extra inputs are not permitted"),
     ({"owl_lambda": 0.1}, "prune.owl_lambda"),
@@ -184,7 +179,6 @@ def checked(monkeypatch) -> list:
     return seen
 
 
-@pytest.mark.unit
 def test_flags_reach_every_cell(tmp_path, monkeypatch, checked, capsys):
     monkeypatch.chdir(tmp_path)
     params = _params(tmp_path)
@@ -203,7 +197,6 @@ def test_flags_reach_every_cell(tmp_path, monkeypatch, checked, capsys):
     assert not config.campaign.baseline and config.campaign.refresh == ["allocate"] and not config.campaign.dvc
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize(("args", "needle"), [
     (["--seed", "x"], "--seed 'x' is not a valid value for prune.seed"),
     (["--neuroal-mode", "fast"], "--neuroal-mode 'fast' is not a valid value for prune.neuroal_mode"),
@@ -221,7 +214,6 @@ def test_a_bad_flag_is_one_line_exit_2(tmp_path, monkeypatch, checked, capsys, a
     assert not checked  # refused before the campaign's checks
 
 
-@pytest.mark.unit
 def test_every_setting_has_a_campaign_flag_listed_in_help(capsys):
     from flows.cli import campaign_flags
 

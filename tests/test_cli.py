@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -149,15 +148,15 @@ def test_pipeline_subcommands_come_from_the_entry_point(command):
     assert args.command == command and args.handler.__module__ == "flows.cli"
 
 
-def test_python_dash_m_entry_point(tmp_path):
-    result = subprocess.run(
+def test_python_dash_m_entry_point(tmp_path, processes):
+    result = processes.run(
         [sys.executable, "-m", "neuroal", "prune", "--model", "x", "--method", "wanda", "--sparsity", "2",
          "--out", str(tmp_path / "o")],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "sparsity" in result.stderr
-    usage = subprocess.run([sys.executable, "-m", "neuroal", "prune"], capture_output=True, text=True, timeout=120)
+    usage = processes.run([sys.executable, "-m", "neuroal", "prune"], capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and usage.stderr.strip().count("\n") == 0 and "required" in usage.stderr
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import sys
 import textwrap
 import time
@@ -115,7 +114,7 @@ def test_wikipedia_parses_cold_and_rebuilds_a_corrupt_cache(tmp_path, monkeypatc
         corpora._wikipedia_articles.cache_clear()
 
 
-def test_online_corpus_while_offline_is_a_quick_user_error(tmp_path, monkeypatch):
+def test_online_corpus_while_offline_is_a_quick_user_error(tmp_path, monkeypatch, processes):
     """In a fresh interpreter (datasets reads the offline switches when imported)."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -134,7 +133,7 @@ def test_online_corpus_while_offline_is_a_quick_user_error(tmp_path, monkeypatch
         """
     )
     started = time.monotonic()
-    done = subprocess.run(
+    done = processes.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=dict(os.environ)
     )
     assert done.returncode == 0, done.stderr

@@ -24,7 +24,6 @@ from neuroal.pruning.plugin import Allocation, AllocationInputs, Allocator, Prep
 from neuroal.pruning.statistics import NORMS
 from tasks import cells
 
-pytestmark = pytest.mark.integration
 
 
 class Options(BaseModel):
@@ -108,7 +107,6 @@ def test_options_that_need_no_preparation_prepare_nothing(tiny_llama, tmp_path):
     assert not (tmp_path / "activations").exists()
 
 
-@pytest.mark.unit
 def test_manifests_from_before_summaries_read_as_neuroal_summaries():
     """``neuroal.json`` files written before allocators summarised themselves kept NeuroAl's
     ``mode`` and ``lambdas`` as fields; they still read (old checkpoints pull and evaluate)."""

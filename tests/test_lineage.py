@@ -17,7 +17,6 @@ from conftest import SMOLLM2_VOCAB, save_tiny_model, tiny_llama_config, tiny_moe
 from neuroal.cli import main
 from neuroal.lineage import LINEAGE, MASKS, VALUES
 
-pytestmark = pytest.mark.integration
 PRUNE = ["--sparsity", "0.6", "--calib", "lee", "--nsamples", "4", "--seqlen", "32"]
 
 

@@ -135,25 +135,35 @@ def counted_from_safetensors(folder) -> tuple[float, dict[str, float]]:
     return zeros / total, experts
 
 
+def target_failures(folder, method: str, top_up: str, out) -> list[str]:
+    """Prune ``folder`` with ``method`` and ``top_up`` through the CLI; what is wrong with the
+    sparsity counted from the saved files (none: an empty list)."""
+    extra = ["--atp-step", "0.1"] if top_up == "atp" else []  # a short grid on two blocks
+    code = main(["prune", "--model", str(folder), "--method", method, "--top-up", top_up,
+                 "--sparsity", str(SPARSITY), "--calib", "lee", "--nsamples", "4", "--search-nsamples", "4",
+                 "--seqlen", "32", "--out", str(out), *extra])
+    if code != 0:
+        return [f"{method}+{top_up}: exit {code}"]
+    achieved, experts = counted_from_safetensors(out)
+    manifest = json.loads((out / "neuroal.json").read_text())
+    failures = []
+    if abs(achieved - SPARSITY) > 0.01 or abs(manifest["achieved_sparsity"] - achieved) > 1e-9:
+        failures.append(f"{method}+{top_up}: counted {achieved:.4f}, manifest {manifest['achieved_sparsity']:.4f}")
+    if not experts or min(experts.values()) < 0.1:  # allocators spread blocks by up to +-0.35 here
+        failures.append(f"{method}+{top_up}: an expert left (nearly) dense: {min(experts.values(), default=None)}")
+    return failures
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_neuroal_over_wanda_reaches_its_target(moe_folders, family, tmp_path):
+    assert not target_failures(moe_folders[family], "wanda", "neuroal", tmp_path / "out")
+
+
+@pytest.mark.slow  # every method with every top-up: about 40 prunes a family
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_every_method_and_top_up_reaches_its_target(moe_folders, family, tmp_path):
-    failures = []
-    for method in METHOD_NAMES:
-        for top_up in ALLOCATOR_NAMES:
-            out = tmp_path / f"{method}-{top_up}"
-            extra = ["--atp-step", "0.1"] if top_up == "atp" else []  # a short grid on two blocks
-            code = main(["prune", "--model", str(moe_folders[family]), "--method", method, "--top-up", top_up,
-                         "--sparsity", str(SPARSITY), "--calib", "lee", "--nsamples", "4", "--search-nsamples", "4",
-                         "--seqlen", "32", "--out", str(out), *extra])
-            if code != 0:
-                failures.append(f"{method}+{top_up}: exit {code}")
-                continue
-            achieved, experts = counted_from_safetensors(out)
-            manifest = json.loads((out / "neuroal.json").read_text())
-            if abs(achieved - SPARSITY) > 0.01 or abs(manifest["achieved_sparsity"] - achieved) > 1e-9:
-                failures.append(f"{method}+{top_up}: counted {achieved:.4f}, manifest {manifest['achieved_sparsity']:.4f}")
-            if not experts or min(experts.values()) < 0.1:  # allocators spread blocks by up to +-0.35 here
-                failures.append(f"{method}+{top_up}: an expert left (nearly) dense: {min(experts.values(), default=None)}")
+    failures = [f for method in METHOD_NAMES for top_up in ALLOCATOR_NAMES
+                for f in target_failures(moe_folders[family], method, top_up, tmp_path / f"{method}-{top_up}")]
     assert not failures, failures
 
 

@@ -34,7 +34,10 @@ ELSEWHERE = {
     "neuroal campaign --dvc-remote": "tests/test_campaign.py::test_checkpoints_go_to_s3_as_lineage_forms (moto S3)",
     "neuroal campaign --executor pool": "tests/test_pool.py (Prefect server, work pool, two workers)",
     "prefect": "tests/test_pool.py: server start, work-pool create, deploy --all, worker start --pool",
-    "docker": "no Docker engine here: the image runs `make setup` (CI), `neuroal` and `prefect worker start`",
+    "mlflow server": "tests/servers.py (the fleet's tracking server, artifacts in moto's S3)",
+    "export": "tests/test_pool.py (each machine's environment in the fleet test)",
+    "deploy/setup.sh": "tests/test_pool.py (the fleet test, as deploy/compose.yaml's setup service)",
+    "docker": "no Docker engine here: tests/test_pool.py runs deploy/compose.yaml's commands as processes",
 }
 BARE_CAMPAIGN = "neuroal campaign"  # the params.yaml grid: make run
 

@@ -9,12 +9,11 @@ import pytest
 
 from recorded_masks import CELLS, RECORDED, model_folders, record_of
 
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, str]:
-    return model_folders(tmp_path_factory.mktemp("recorded-masks"))
+def folders(tmp_path_factory, tokenizer) -> dict[str, str]:
+    return model_folders(tmp_path_factory.mktemp("recorded-masks"), tokenizer)
 
 
 @pytest.mark.parametrize(

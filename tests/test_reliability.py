@@ -52,7 +52,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -317,14 +316,14 @@ def test_campaign_caches_rebuild_a_corrupt_entry(tiny_llama, tmp_path, monkeypat
 # 3. Faults: kill -9 at any moment; unreachable S3 and MLflow servers.
 
 
-def run_and_kill(cmd: list[str], cwd: Path, ready: Callable[[], bool], env: dict | None = None,
+def run_and_kill(processes, cmd: list[str], cwd: Path, ready: Callable[[], bool], env: dict | None = None,
                  timeout: float = 240) -> bool:
     """Run ``cmd`` in its own process group and SIGKILL the group as soon as ``ready()`` holds.
 
     Returns True when it was killed, False when it exited first (with code 0).
     """
     log = (cwd / "killed.log").open("ab")
-    process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=log, start_new_session=True)
+    process = processes.popen(cmd, cwd=cwd, env=env, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while process.poll() is None:
@@ -356,7 +355,7 @@ def temporaries(folder: Path, containing: str | None = None, besides: tuple = ()
             and (containing is None or (p / containing).is_file())]
 
 
-def test_prune_killed_at_any_moment_leaves_nothing_or_a_complete_checkpoint(tiny_llama, tmp_path):
+def test_prune_killed_at_any_moment_leaves_nothing_or_a_complete_checkpoint(tiny_llama, tmp_path, processes):
     parent = tmp_path / "runs"
     out = parent / "pruned"
     cmd = neuroal_command(*prune_args(tiny_llama, out))
@@ -367,7 +366,7 @@ def test_prune_killed_at_any_moment_leaves_nothing_or_a_complete_checkpoint(tiny
     }
     for moment, ready in moments.items():
         start, old = time.monotonic(), tuple(temporaries(parent))  # an earlier kill's leftovers
-        assert run_and_kill(cmd, tmp_path, partial(ready, start, old)), f"the prune ended before '{moment}'"
+        assert run_and_kill(processes, cmd, tmp_path, partial(ready, start, old)), f"the prune ended before '{moment}'"
         assert not assert_absent_or_complete(out), moment  # killed before the rename: no folder
     assert temporaries(parent)  # what the killed writers left
 
@@ -425,7 +424,7 @@ def last_error_line(err: str) -> str:
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_campaign_killed_mid_run_resumes_to_the_same_results(tiny_llama, tmp_path, monkeypatch):
+def test_campaign_killed_mid_run_resumes_to_the_same_results(tiny_llama, tmp_path, monkeypatch, processes):
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
     reference = campaign_folder(tmp_path / "reference", tiny_llama)
@@ -439,7 +438,7 @@ def test_campaign_killed_mid_run_resumes_to_the_same_results(tiny_llama, tmp_pat
            "PREFECT_HOME": str(PREFECT_HOME.value())}
     folder = killed / "runs" / "campaign" / "checkpoints"
     # Kill while the second checkpoint is being written: the first one is complete by then.
-    assert run_and_kill(neuroal_command("campaign", "--no-dvc"), killed, lambda: bool(temporaries(folder)) and any(
+    assert run_and_kill(processes, neuroal_command("campaign", "--no-dvc"), killed, lambda: bool(temporaries(folder)) and any(
         (p / "neuroal.json").is_file() for p in folder.iterdir() if not p.name.startswith(".")), env=env)
     assert len(checkpoints(killed)) == 1 and temporaries(folder)
 

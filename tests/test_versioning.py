@@ -40,8 +40,8 @@ def git(root: Path, *args: str) -> str:
 
 
 @pytest.fixture
-def repo(tmp_path) -> Path:
-    """A git repository with one commit."""
+def repo(tmp_path, processes) -> Path:
+    """A git repository with one commit (git and DVC run as subprocesses on it)."""
     root = tmp_path / "repo"
     root.mkdir()
     git(root, "init", "--quiet")
