@@ -6,5 +6,7 @@
 set -eu
 [ $# -eq 1 ] || { echo "usage: deploy/setup.sh s3://bucket/prefect-results" >&2; exit 2; }
 prefect --no-prompt work-pool create neuroal --type process --overwrite
-prefect --no-prompt deploy --all
+# Unset: Prefect would write this machine's NEUROAL_HOME into the deployments, and every worker
+# would then run its cells in this checkout instead of its own.
+env -u NEUROAL_HOME prefect --no-prompt deploy --all
 python "$(dirname "$0")/result_storage.py" "$1"
