@@ -12,6 +12,7 @@ S3 server other than AWS).
 from __future__ import annotations
 
 import argparse
+import sys
 from urllib.parse import urlparse
 
 
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     url = urlparse(args.url)
     if url.scheme != "s3" or not url.netloc:
-        parser.error(f"not an s3://bucket/folder URL: {args.url}")
+        print(f"result_storage.py: not an s3://bucket/folder URL: {args.url}", file=sys.stderr)
+        sys.exit(2)
     from prefect_aws import S3Bucket
 
     S3Bucket(bucket_name=url.netloc, bucket_folder=url.path.strip("/")).save(args.name, overwrite=True)

@@ -30,6 +30,7 @@ from servers import (  # noqa: F401 - fixtures, by their names
     make_bucket,
     stop,
 )
+from tasks.versioning import ensure_dvc_repo
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -144,7 +145,7 @@ def _origin(folder: Path, model: Path) -> Path:
     shutil.copytree(model, folder / "models" / "tiny-llama")
     (folder / "params.yaml").write_text(yaml.safe_dump(FLEET_PARAMS))
     subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=folder, check=True)
+    ensure_dvc_repo.fn(folder)  # committed, as this repository's .dvc/ is
     subprocess.run(["git", "add", "-A"], cwd=folder, check=True)
     subprocess.run([*GIT, "commit", "-q", "-m", "project"], cwd=folder, check=True)
     return folder
