@@ -53,6 +53,25 @@ def processes() -> Processes:
     return Processes()
 
 
+def project_repository(folder: Path, params: dict) -> Path:
+    """A git repository laid out as a clone of this one: its .gitignore, ``params``, the DVC stage
+    with the code it depends on, and ``.dvc/``, committed (files put in ``folder`` before are too)."""
+    import yaml
+
+    from tasks.versioning import ensure_dvc_repo
+
+    folder.mkdir(exist_ok=True)
+    (folder / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    copy_dvc_stage(folder)
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    ensure_dvc_repo.fn(folder)  # committed, as this repository's .dvc/ is
+    subprocess.run(["git", "add", "-A"], cwd=folder, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "project"],
+                   cwd=folder, check=True)
+    return folder
+
+
 def copy_dvc_stage(folder: Path) -> None:
     """The repository's dvc.yaml, and the code folders its stage depends on, into a scratch project
     (``dvc commit`` of the stage hashes them)."""

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import copy_dvc_stage
+from conftest import project_repository
 from neuroal.cli import main
 from servers import (  # noqa: F401 - the fixture_* are the fixtures prefect_harness, moto_server, s3_env
     fixture_moto_server,
@@ -22,7 +21,7 @@ from servers import (  # noqa: F401 - the fixture_* are the fixtures prefect_har
     make_bucket,
 )
 from tasks.tracking import log_cell
-from tasks.versioning import DVC_REMOTE, dvc_file, dvc_push, dvc_status_clean, dvc_track, ensure_dvc_repo
+from tasks.versioning import DVC_REMOTE, dvc_file, dvc_push, dvc_status_clean, dvc_track
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 REPO = Path(__file__).resolve().parents[1]
@@ -30,25 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch, tiny_llama):
-    """A git repository laid out as a clone of this one (its .gitignore, dvc.yaml and the code the
-    stage depends on) with params.yaml for a 2x2 grid, MLflow in a sqlite file inside it."""
-    (tmp_path / ".gitignore").write_text((REPO / ".gitignore").read_text())
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"],
-                   cwd=tmp_path, check=True)
-    params = {
+    """A clone-like project (``project_repository``) with params.yaml for a 2x2 grid, MLflow in a
+    sqlite file inside it."""
+    project_repository(tmp_path, {
         "prune": {"model": [str(tiny_llama)], "method": ["magnitude", "wanda"], "top_up": ["uniform", "neuroal"],
                   "sparsity": 0.5, "calib": "lee", "nsamples": 4, "search_nsamples": 2, "seqlen": 32,
                   "neuroal_mode": "dense", "neuroal_strategy": "coarse"},
         "eval": {"ppl": ["lee"], "tasks": [], "limit": 2, "seqlen": 32},
         "campaign": {"experiment": "test", "out": "runs/campaign"},
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    copy_dvc_stage(tmp_path)  # the project's stage
-    ensure_dvc_repo.fn(tmp_path)  # committed, as this repository's .dvc/ is
-    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "project"], cwd=tmp_path,
-                   check=True)
+    })
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import copy_dvc_stage
+from conftest import project_repository
 from servers import (  # noqa: F401 - fixtures, by their names
     FAKE_AWS,
     fixture_mlflow_server,
@@ -30,12 +30,10 @@ from servers import (  # noqa: F401 - fixtures, by their names
     make_bucket,
     stop,
 )
-from tasks.versioning import ensure_dvc_repo
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 POOL = "neuroal"
-GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 
 
 @pytest.fixture(scope="module")
@@ -135,20 +133,13 @@ FLEET_S3 = {"NEUROAL_S3": "s3://fleet"}
 
 
 def _origin(folder: Path, model: Path) -> Path:
-    """The project's repository as the fleet clones it: its .gitignore, prefect.yaml, deploy/, the
-    DVC stage and its code, params.yaml, and the source model (a local folder every clone has)."""
+    """The project's repository as the fleet clones it (``project_repository``), with its
+    prefect.yaml, deploy/, and the source model: a local folder that every clone has."""
     folder.mkdir()
-    for name in (".gitignore", "prefect.yaml"):
-        shutil.copy(REPO / name, folder / name)
+    shutil.copy(REPO / "prefect.yaml", folder / "prefect.yaml")
     shutil.copytree(REPO / "deploy", folder / "deploy")
-    copy_dvc_stage(folder)
     shutil.copytree(model, folder / "models" / "tiny-llama")
-    (folder / "params.yaml").write_text(yaml.safe_dump(FLEET_PARAMS))
-    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
-    ensure_dvc_repo.fn(folder)  # committed, as this repository's .dvc/ is
-    subprocess.run(["git", "add", "-A"], cwd=folder, check=True)
-    subprocess.run([*GIT, "commit", "-q", "-m", "project"], cwd=folder, check=True)
-    return folder
+    return project_repository(folder, FLEET_PARAMS)
 
 
 def compose_command(service: str, variables: dict) -> list[str]:
