@@ -19,8 +19,9 @@ from pathlib import Path
 
 import httpx
 from prefect import flow
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.runtime import flow_run
-from prefect.states import State
+from prefect.states import Failed, State
 
 from flows.prune_cell import cell_metrics, prune_cell
 from neuroal.config import CampaignConfig
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 _SUBMIT_ATTEMPTS, _SUBMIT_BACKOFF_SECONDS = 3, 10  # Prefect's client already retried each call
+# A cell's flow run is polled every _POLL_SECONDS; errors are waited out until the server has not
+# answered for _OUTAGE_SECONDS (a restart of the Prefect server does not lose the cells).
+_POLL_SECONDS, _OUTAGE_SECONDS = 5, 900
 
 
 class CampaignFailed(RuntimeError):
@@ -113,32 +117,52 @@ def _run_on_pool(config: CampaignConfig, parent: str, refresh: cells.Refresh) ->
     """Submit every cell to the work pool behind ``settings.deployment`` and wait for all.
 
     Each submission waits in its own thread; the context copy keeps each cell's flow run a
-    child of this campaign's in the Prefect UI. A server too busy to answer (503), while the cell
-    is submitted or while it is polled, is asked again with the same idempotency key (this
-    campaign's flow run and the cell), so the server hands back the cell's flow run if it already
-    made one: a cell runs at most once. A cell that still cannot be submitted fails alone, like a
-    cell that fails on its worker.
+    child of this campaign's in the Prefect UI. A submission that meets a server too busy to answer
+    (503) is sent again with the same idempotency key (this campaign's flow run and the cell), so
+    the server hands back the flow run if it already made one: a cell runs at most once. A cell
+    that still cannot be submitted fails alone, like a cell that fails on its worker; polling rides
+    out errors up to ``_OUTAGE_SECONDS`` of silence.
     """
     from prefect.deployments import run_deployment
-    from prefect.exceptions import PrefectHTTPStatusError
-    from prefect.states import Failed
 
     def submit(cell):
         key = f"{flow_run.id}:{cells.cell_name(cell)}"
         for attempt in range(_SUBMIT_ATTEMPTS):
             try:  # no root: a worker runs in its own checkout (the deployment's working directory)
-                return run_deployment(config.campaign.deployment, timeout=None, idempotency_key=key, parameters={
+                run = run_deployment(config.campaign.deployment, timeout=0, idempotency_key=key, parameters={
                     "cell": cell.model_dump(), "evaluation": config.eval.model_dump(),
                     "settings": config.campaign.model_dump(), "parent_run_id": parent,
-                    "refresh": refresh.model_dump(mode="json")}).state
+                    "refresh": refresh.model_dump(mode="json")})
             except (PrefectHTTPStatusError, httpx.TransportError) as exc:
                 error = exc
                 time.sleep(_SUBMIT_BACKOFF_SECONDS * 2 ** attempt)
+            else:
+                return _final_state(run.id)
         return Failed(message=f"could not be submitted to the work pool: {error}")
 
     with ThreadPoolExecutor(max_workers=len(config.cells())) as pool:
         futures = {cells.cell_name(c): pool.submit(contextvars.copy_context().run, submit, c) for c in config.cells()}
         return {name: future.result() for name, future in futures.items()}
+
+
+def _final_state(flow_run_id) -> State:
+    """The final state of a cell's flow run, polled; a server that stays silent for
+    ``_OUTAGE_SECONDS`` fails the cell (its run may still finish: a rerun serves it from the caches)."""
+    from prefect.client.orchestration import get_client
+
+    answered = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                state = client.read_flow_run(flow_run_id).state
+                answered = time.monotonic()
+                if state and state.is_final():
+                    return state
+            except (PrefectHTTPStatusError, httpx.TransportError) as exc:
+                busy = isinstance(exc, httpx.TransportError) or exc.response.status_code >= 500
+                if not busy or time.monotonic() - answered > _OUTAGE_SECONDS:
+                    return Failed(message=f"lost flow run {flow_run_id} on the Prefect server: {exc}")
+            time.sleep(_POLL_SECONDS)
 
 
 def _baseline(model: str, config: CampaignConfig, parent: str | None, refresh: cells.Refresh) -> dict:
