@@ -40,17 +40,10 @@ def pytest_collection_modifyitems(items):
             item.add_marker(TIERS[derived])
 
 
-class Processes:
-    """Subprocesses of a test (``run`` as ``subprocess.run``, ``popen`` as ``subprocess.Popen``);
-    asking for them (the ``processes`` fixture) makes the test `system`."""
-
-    run = staticmethod(subprocess.run)
-    popen = staticmethod(subprocess.Popen)
-
-
 @pytest.fixture
-def processes() -> Processes:
-    return Processes()
+def processes():
+    """The ``subprocess`` module, for a test that starts processes: asking for it makes the test `system`."""
+    return subprocess
 
 
 def project_repository(folder: Path, params: dict) -> Path:

@@ -243,16 +243,16 @@ class FlakyProxy:
         import re
 
         with self.lock:
-            self.rules.append([method, re.compile(pattern), times, forward])
+            self.rules.append({"method": method, "path": re.compile(pattern), "left": times, "forward": forward})
 
     def _take(self, method: str, path: str) -> bool | None:
         """None: relay this request; else fail it (True: after forwarding it)."""
         with self.lock:
             for rule in self.rules:
-                if rule[0] == method and rule[1].search(path.split("?")[0]) and rule[2] > 0:
-                    rule[2] -= 1
+                if rule["method"] == method and rule["left"] > 0 and rule["path"].search(path.split("?")[0]):
+                    rule["left"] -= 1
                     self.failed += 1
-                    return rule[3]
+                    return rule["forward"]
         return None
 
     def close(self) -> None:

@@ -323,7 +323,7 @@ def run_and_kill(processes, cmd: list[str], cwd: Path, ready: Callable[[], bool]
     Returns True when it was killed, False when it exited first (with code 0).
     """
     log = (cwd / "killed.log").open("ab")
-    process = processes.popen(cmd, cwd=cwd, env=env, stdout=log, stderr=log, start_new_session=True)
+    process = processes.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while process.poll() is None:
