@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from conftest import FAMILIES, tiny_family_configs
+from neuroal.config import PruneConfig
 from neuroal.errors import UserError
 from neuroal.models import (
     ARCHITECTURES,
@@ -23,6 +24,7 @@ from neuroal.models import (
     resolve_model,
 )
 from neuroal.paths import cache_dir
+from neuroal.pipeline import Plan
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_architecture_roles_name_real_linears(family):
@@ -61,6 +63,34 @@ def test_local_folder_loads_with_digest(tiny_llama):
     model, tokenizer = load_model(source, torch.float32)
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
     assert resolve_model(str(tiny_llama)).digest == source.digest  # content-derived, stable
+
+
+def _mapped_from(folder) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of files in ``folder`` (Linux)."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) == 6 and fields[5].startswith(str(folder)):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_cell_loads_its_block_weights_out_of_the_file_mapping(tiny_llama):
+    """The loader maps safetensors copy-on-write, where a prune's first write to each page faults;
+    a cell pruned on the CPU has its blocks in memory of their own, values unchanged, the rest
+    still mapped."""
+    def in_file(tensor):
+        return any(start <= tensor.untyped_storage().data_ptr() < end for start, end in _mapped_from(tiny_llama))
+
+    loaded, _ = load_model(resolve_model(str(tiny_llama)), torch.float32)
+    assert all(in_file(p) for p in decoder_blocks(loaded).parameters())  # why the copy is worth it
+    model, _ = Plan.of(PruneConfig(model=str(tiny_llama), method="magnitude", sparsity=0.5, device="cpu")).load()
+    blocks = dict(decoder_blocks(model).named_parameters())
+    assert blocks and not any(in_file(p) for p in blocks.values())
+    assert all(torch.equal(p, blocks[n]) for n, p in decoder_blocks(loaded).named_parameters())
+    assert in_file(model.get_input_embeddings().weight)  # never written: left mapped
 
 
 def test_cache_dir_follows_env(tmp_path, monkeypatch):
