@@ -30,7 +30,7 @@ from neuroal.models import (
     load_config,
     load_model,
     load_tokenizer,
-    own_block_weights,
+    prefault_block_weights,
     prunable_matrices,
     published_dtype,
     resolve_device,
@@ -97,7 +97,7 @@ class Plan:
         model, tokenizer = load_model(self.source, self.dtype, c.trust_remote_code, allow_pickle=c.allow_pickle)
         prunable_matrices(model)
         if self.device.type == "cpu":  # pruned in place there (a GPU works on copies of the blocks)
-            own_block_weights(model)
+            prefault_block_weights(model)
         return model, tokenizer
 
     def calibrate(self, tokenizer, model_config) -> CalibrationSet:

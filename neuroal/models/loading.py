@@ -8,11 +8,13 @@ under a second.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,18 +133,31 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, trust_re
     return model, load_tokenizer(source, trust_remote_code)
 
 
-def own_block_weights(model) -> None:
-    """Give the decoder blocks' parameters memory of their own before they are pruned in place.
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in writable, as writing to each page would
+
+
+def prefault_block_weights(model) -> None:
+    """Fault the decoder blocks' weights in writable, in one system call per tensor, before they
+    are pruned in place.
 
     transformers maps safetensors files copy-on-write, so the first write to each mapped page
-    faults and copies it: on SmolLM2 here a first in-place write to a block matrix costs 15x a
-    later one, and a prune writes every block weight. Copying the blocks once costs about a read
-    of them (0.18 s for SmolLM2's 538 MB). Values are unchanged; weights already in memory of
-    their own (cast on load) are copied all the same, which only costs that read.
+    traps and copies it: zeroing a block matrix the first time costs 15x a later write on SmolLM2
+    here (4.05 s of a qwen2.5-coder-0.5b prune). The kernel makes those private copies far faster
+    in bulk (0.16 s for SmolLM2's blocks), without holding the file's pages and their copies at
+    once, as copying the tensors would. Data never changes: on memory already private, or where
+    the call is not supported (not Linux, an older kernel), it does nothing.
     """
-    with torch.no_grad():
-        for param in decoder_blocks(model).parameters():
-            param.data = param.data.clone()
+    if sys.platform != "linux":
+        return
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGE_SIZE")
+    for param in decoder_blocks(model).parameters():
+        if param.device.type != "cpu" or not param.numel():
+            continue
+        start = param.data_ptr()
+        extent = (1 + sum((n - 1) * stride for n, stride in zip(param.shape, param.stride()))) * param.element_size()
+        madvise(start - start % page, extent + start % page, _MADV_POPULATE_WRITE)
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
