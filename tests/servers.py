@@ -205,7 +205,10 @@ class FlakyProxy:
 
         import httpx
 
-        self.client, self.rules, self.failed, self.lock = httpx.Client(base_url=upstream, timeout=60), [], 0, threading.Lock()
+        # No kept-alive upstream connections: uvicorn closes an idle one after 5 s, and a request sent
+        # on it as it closes fails ("Server disconnected"), a failure no rule asked for.
+        upstream_client = httpx.Client(base_url=upstream, timeout=60, limits=httpx.Limits(max_keepalive_connections=0))
+        self.client, self.rules, self.failed, self.lock = upstream_client, [], 0, threading.Lock()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):

@@ -73,7 +73,7 @@ def test_503s_while_submitting_and_polling_do_not_submit_a_cell_twice(deployment
         proxy.close()
     assert proxy.failed == 10
     assert sorted(states) == sorted(cells.cell_name(c) for c in config.cells())
-    assert all(state.is_completed() for state in states.values())
+    assert all(state.is_completed() for state in states.values()), {n: s.message for n, s in states.items()}
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment])))
     assert len(runs) == 2 and len({r.idempotency_key for r in runs}) == 2
