@@ -68,15 +68,14 @@ def test_local_folder_loads_with_digest(tiny_llama):
 def _private_bytes_mapped_from(folder) -> int | None:
     """Bytes of private (copied-on-write) pages in this process's maps of files in ``folder``, or
     None when nothing of it is mapped (Linux's /proc/self/smaps)."""
-    total, inside = None, False
+    private, inside = [], False
     for line in open("/proc/self/smaps"):
         fields = line.split()
-        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+        if not fields[0].endswith(":"):  # a mapping's header line: address range, ..., path
             inside = len(fields) == 6 and fields[5].startswith(str(folder))
-            total = 0 if inside and total is None else total
         elif inside and fields[0] == "Anonymous:":
-            total += int(fields[1]) * 1024
-    return total
+            private.append(int(fields[1]) * 1024)
+    return sum(private) if private else None
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")

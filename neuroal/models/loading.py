@@ -152,8 +152,8 @@ def prefault_block_weights(model) -> None:
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = os.sysconf("SC_PAGE_SIZE")
-    for param in decoder_blocks(model).parameters():
-        if param.device.type != "cpu" or not param.numel():
+    for param in decoder_blocks(model).parameters():  # load_model loads on the CPU
+        if not param.numel():
             continue
         start = param.data_ptr()
         extent = (1 + sum((n - 1) * stride for n, stride in zip(param.shape, param.stride()))) * param.element_size()
