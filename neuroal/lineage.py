@@ -44,13 +44,11 @@ from neuroal.digests import file_digest, weight_files
 from neuroal.errors import UserError
 from neuroal.files import SAFETENSORS_DTYPES, safetensors_header, staged_folder
 from neuroal.models import ModelSource, resolve_model
+from neuroal.pruning.masks import SAME_WIDTH_INT, kept_only
 
 LINEAGE, MASKS, VALUES = "lineage.json", "masks.bin", "values.bin"
 FORMAT = 1  # of lineage.json; a reader refuses a format it does not know
 _CHUNK = 1 << 24  # 16 MiB reads when copying files: few calls, flat memory
-
-# Integer views of the same width: bit-for-bit comparison (-0.0 is not 0.0, NaN equals itself).
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class _Record(BaseModel):
@@ -233,17 +231,12 @@ def _same_file(path: Path, digest: str) -> bool:
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().view(_BITS[tensor.element_size()])
+    """An integer view of the same width: bit-for-bit comparison (-0.0 is not 0.0, NaN equals itself)."""
+    return tensor.contiguous().view(SAME_WIDTH_INT[tensor.element_size()])
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
-
-
-def _zero(tensor: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
-    """A copy of ``tensor`` with +0.0 where pruned, as the pruner writes. Not in place: a source
-    tensor is a copy-on-write view of its memory-mapped file, and writing to it costs page faults."""
-    return torch.where(pruned, torch.zeros((), dtype=tensor.dtype), tensor)
 
 
 def _weights_recipe(path: Path, digest: str, dense: "_SourceTensors", masks: "_HashedFile",
@@ -266,7 +259,7 @@ def _tensor_recipe(written: torch.Tensor, source: torch.Tensor | None, masks: "_
         return TensorRecipe(form="source")
     kept = _bits(written) != 0
     mask = masks.write(torch.from_numpy(np.packbits(kept.reshape(-1).numpy())))
-    if _same_bits(_zero(source, ~kept), written):
+    if _same_bits(kept_only(source, kept), written):
         return TensorRecipe(form="mask", mask=mask)
     return TensorRecipe(form="values", mask=mask, values=values.write(written[kept]))
 
@@ -302,11 +295,11 @@ def _rebuild(name: str, recipe: TensorRecipe, dtype: torch.dtype, shape: list[in
     if recipe.form == "source":
         return source
     if recipe.form == "mask":
-        return _zero(source, blobs.mask(recipe.mask, source.shape, name, kept=False))
+        return kept_only(source, blobs.mask(recipe.mask, source.shape, name))
     kept = blobs.mask(recipe.mask, source.shape, name)
     kept_values = blobs.tensor(recipe.values, dtype, name)
-    if kept_values.numel() != int(kept.sum()):
-        raise UserError(f"lineage form {blobs.folder} is corrupt: {name} keeps {int(kept.sum())} weights "
+    if kept_values.numel() != (count := int(torch.count_nonzero(kept))):
+        raise UserError(f"lineage form {blobs.folder} is corrupt: {name} keeps {count} weights "
                         f"but stores {kept_values.numel()} values")
     return torch.zeros_like(source).masked_scatter_(kept, kept_values)
 
@@ -337,14 +330,18 @@ class _SourceTensors:
 
 
 class _HashedFile:
-    """A new file written in appends and hashed on the way, both in a second thread (file writes
-    and hashlib release the GIL), so they overlap the work that produces the next bytes."""
+    """A new file written in appends and hashed on the way, each in a thread of its own (file
+    writes and hashlib release the GIL), so writing, hashing and the work that produces the next
+    bytes overlap: on two cores, a rebuild is bound by one sha256 pass and not by hash + write."""
 
     def __init__(self, path: Path):
         self._file, self._hash, self._size, self._error = open(path, "xb"), hashlib.sha256(), 0, None
-        self._pending: queue.Queue = queue.Queue(maxsize=4)  # buffers handed over, not yet written
-        self._writer = threading.Thread(target=self._write_pending, daemon=True)
-        self._writer.start()
+        # Buffers handed over, not yet written / hashed: each thread takes every buffer in order.
+        self._pending = (queue.Queue(maxsize=4), queue.Queue(maxsize=4))
+        self._threads = [threading.Thread(target=self._drain, args=(pending, consume), daemon=True)
+                         for pending, consume in zip(self._pending, (self._file.write, self._hash.update))]
+        for thread in self._threads:
+            thread.start()
 
     def __enter__(self):
         return self
@@ -357,16 +354,18 @@ class _HashedFile:
         if isinstance(data, torch.Tensor):
             data = data.contiguous().reshape(-1).view(torch.uint8).numpy()
         self._raise_error()
-        self._pending.put(data)
+        for pending in self._pending:
+            pending.put(data)
         size = memoryview(data).nbytes
         span, self._size = (self._size, size), self._size + size
         return span
 
     def close(self) -> None:
         """Wait for every write; raises what a write raised (a full disk)."""
-        if self._writer.is_alive():
-            self._pending.put(None)
-            self._writer.join()
+        for pending, thread in zip(self._pending, self._threads):
+            if thread.is_alive():
+                pending.put(None)
+                thread.join()
         self._file.close()
         self._raise_error()
 
@@ -375,12 +374,11 @@ class _HashedFile:
         """The sha256 of everything written (after ``close``)."""
         return self._hash.hexdigest()
 
-    def _write_pending(self) -> None:
-        while (data := self._pending.get()) is not None:
+    def _drain(self, pending: queue.Queue, consume) -> None:
+        while (data := pending.get()) is not None:
             if self._error is None:
                 try:
-                    self._file.write(data)
-                    self._hash.update(data)
+                    consume(data)
                 except OSError as exc:
                     self._error = exc  # raised in the producer's thread; keep taking its buffers
 
@@ -415,9 +413,9 @@ class _BlobReader:
         data = self._read(VALUES, span, name)
         return torch.frombuffer(data, dtype=torch.uint8).view(dtype) if data else torch.empty(0, dtype=dtype)
 
-    def mask(self, span, shape, name: str, kept: bool = True) -> torch.Tensor:
-        """The kept weights of a tensor of ``shape`` (with ``kept=False``: the pruned ones)."""
+    def mask(self, span, shape, name: str) -> torch.Tensor:
+        """The kept weights of a tensor of ``shape``."""
         packed = np.frombuffer(self._read(MASKS, span, name), dtype=np.uint8)
-        bits = np.unpackbits(packed if kept else ~packed, count=math.prod(shape))
+        bits = np.unpackbits(packed, count=math.prod(shape))
         return torch.from_numpy(bits.view(bool)).reshape(shape)
 

@@ -99,7 +99,7 @@ def mask_from_ranks(ranks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return ranks < counts.unsqueeze(1).to(ranks.dtype)
 
 
-_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a float's bits, as integers
 
 
 def zero_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -107,10 +107,18 @@ def zero_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     bits are multiplied, as integers, by the kept flags (``masked_fill_`` gives the same bytes, 5x
     slower on the CPU, where a search zeroes every matrix once per candidate)."""
     if weight.is_floating_point():
-        weight.view(_SAME_WIDTH_INT[weight.element_size()]).mul_(~mask)
+        weight.view(SAME_WIDTH_INT[weight.element_size()]).mul_(~mask)
     else:
         weight.masked_fill_(mask, 0)
     return weight
+
+
+def kept_only(weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """A copy of ``weight`` with +0.0 where ``kept`` is False: the bytes ``zero_`` writes, out of
+    place (``torch.where`` gives them too, 5x slower on the CPU, where a checkpoint is rebuilt)."""
+    if weight.is_floating_point():
+        return (weight.view(SAME_WIDTH_INT[weight.element_size()]) * kept).view(weight.dtype)
+    return weight * kept
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
