@@ -4,6 +4,7 @@ nothing written when a mask, a values file or the source is wrong or missing."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import SMOLLM2_VOCAB, save_tiny_model, tiny_llama_config, tiny_moe_configs
 from neuroal.cli import main
+import neuroal.lineage as lineage_module
 from neuroal.lineage import LINEAGE, MASKS, VALUES
 
 PRUNE = ["--sparsity", "0.6", "--calib", "lee", "--nsamples", "4", "--seqlen", "32"]
@@ -196,3 +198,29 @@ def test_materialize_never_overwrites(cells, capsys):
     before = sha256_of_files(checkpoint)
     assert "already exists" in _refused(["materialize", "--lineage", str(lineage), "--out", str(checkpoint)], capsys)
     assert sha256_of_files(checkpoint) == before
+
+
+def test_a_disk_that_fills_while_materializing_raises_and_leaves_nothing(cells, tmp_path, monkeypatch):
+    class FullDisk:  # a file that takes 4 KiB and then reports no space left, as a full disk does
+        def __init__(self, file):
+            self.file, self.room = file, 4096
+
+        def write(self, data):
+            size = memoryview(data).nbytes
+            if size > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= size
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)
+        return FullDisk(file) if "x" in mode else file
+
+    monkeypatch.setattr(lineage_module, "open", open_on_a_full_disk, raising=False)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as raised:
+        lineage_module.materialize(cells["bf16-sparsegpt"][1], out)
+    assert raised.value.errno == errno.ENOSPC and _nothing_written(out)
