@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import neuroal.lineage as lineage_module
 from conftest import SMOLLM2_VOCAB, save_tiny_model, tiny_llama_config, tiny_moe_configs
 from neuroal.cli import main
-import neuroal.lineage as lineage_module
 from neuroal.lineage import LINEAGE, MASKS, VALUES
 
 PRUNE = ["--sparsity", "0.6", "--calib", "lee", "--nsamples", "4", "--seqlen", "32"]

@@ -11,7 +11,16 @@ from neuroal.replay import capture_block_inputs, run_block
 from neuroal.errors import UserError
 from neuroal.models import block_matrices, decoder_blocks, load_model, prunable_matrices, resolve_model
 from neuroal.pruning import allocator, base_method, prune_model, sparsity_report
-from neuroal.pruning.masks import kept_only, lowest, mask_from_ranks, per_row_mask, row_mask, row_ranks, zero_
+from neuroal.pruning.masks import (
+    SAME_WIDTH_INT,
+    kept_only,
+    lowest,
+    mask_from_ranks,
+    per_row_mask,
+    row_mask,
+    row_ranks,
+    zero_,
+)
 from neuroal.pruning.methods.magnitude import magnitude_score
 from neuroal.pruning.methods.wanda import wanda_score
 from neuroal.pruning.layer_sequential import layer_sequential
@@ -63,14 +72,11 @@ def test_zeroing_writes_plus_zero_where_pruned_and_every_other_bit_as_it_was(dty
     # torch.where with a +0.0 scalar writes. In place (the pruner) and out of place (a rebuild).
     weight = torch.tensor([[-0.0, float("nan"), float("inf"), 1.5], [-2.0, 0.0, -float("inf"), 3.0]], dtype=dtype)
     kept = torch.tensor([[True, True, True, False], [False, True, True, True]])
-    bits = SAME_BITS[weight.element_size()]
+    bits = SAME_WIDTH_INT[weight.element_size()]
     expected = torch.where(kept, weight, torch.zeros((), dtype=dtype)).view(bits)
     assert torch.equal(kept_only(weight, kept).view(bits), expected)
     assert torch.equal(zero_(weight.clone(), ~kept).view(bits), expected)
     assert expected[0, 0] != 0 and expected[0, 3] == 0 and expected[1, 0] == 0  # -0.0 kept: a sign bit
-
-
-SAME_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def test_scores_match_formulas():
