@@ -5,6 +5,9 @@ perplexities, read side by side.
     .venv/bin/python bench/neuroal.py --model smollm2-135m --sparsities 0.5,0.7 \
         --variants uniform,neuroal,atp,atp-fast --json bench/results/neuroal-smollm2.json
 
+A search's cost is fixed by the search set, so its share of the cell falls as ``--nsamples``
+grows: the README's first table is read at ``neuroal prune``'s default, ``--nsamples 128``.
+
 Variants: ``uniform``; ``neuroal`` (``--modes`` x ``--strategies``, default the reference mode's
 coarse walk); ``neuroal-zero`` (the same with lambda 0 among the block candidates); ``atp`` (the
 authors' grid on every calibration window); ``atp-fast`` (a golden-section walk over the same
